@@ -1,0 +1,100 @@
+"""Keras callbacks of the trainer: throughput log and per-epoch checkpoints."""
+
+import logging
+import os
+import time
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+
+class ThroughputLogger(keras.callbacks.Callback):
+    """Logs examples/sec every `log_steps` steps, like ModelZoo's TimeHistory.
+
+    The whole-fit figure excludes the first step, which includes tracing.
+
+    Args:
+        batch_size: examples per step.
+        log_steps: steps between two log lines.
+        label: phase name shown in the log.
+    """
+
+    def __init__(self, batch_size, log_steps, label):
+        super().__init__()
+        self.batch_size = batch_size
+        self.log_steps = log_steps
+        self.label = label
+        self.steps = 0
+        self.timed_steps = 0
+        self.timed_seconds = 0.0
+        self.fit_seconds = 0.0
+        self._window_start = None
+        self._window_steps = 0
+        self._step_start = None
+        self._fit_start = None
+
+    def on_train_begin(self, logs=None):
+        self._fit_start = time.perf_counter()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._step_start = time.perf_counter()
+        if self._window_start is None:
+            self._window_start = self._step_start
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.steps > 0:
+            self.timed_steps += 1
+            self.timed_seconds += now - self._step_start
+        self.steps += 1
+        self._window_steps += 1
+        if self._window_steps >= self.log_steps:
+            elapsed = now - self._window_start
+            logger.info(
+                "%s: step %d, %.1f examples/sec",
+                self.label,
+                self.steps,
+                self._window_steps * self.batch_size / max(elapsed, 1e-9),
+            )
+            self._window_start = None
+            self._window_steps = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._window_start = None
+        self._window_steps = 0
+
+    def on_train_end(self, logs=None):
+        if self._fit_start is not None:
+            self.fit_seconds += time.perf_counter() - self._fit_start
+
+    @property
+    def examples_per_sec(self):
+        """Mean training throughput over all steps but the first."""
+        if self.timed_steps == 0:
+            return 0.0
+        return self.timed_steps * self.batch_size / self.timed_seconds
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Saves `target`'s weights after every epoch (`epoch_001.weights.h5`, ...).
+
+    Unlike `ModelCheckpoint` it can save a sub-model, so a Distiller's
+    checkpoints hold the student alone.
+
+    Args:
+        target: the model whose weights are saved.
+        directory: folder of the checkpoint files.
+    """
+
+    def __init__(self, target, directory):
+        super().__init__()
+        self.target = target
+        self.directory = directory
+        os.makedirs(directory, exist_ok=True)
+
+    def on_epoch_end(self, epoch, logs=None):
+        path = os.path.join(self.directory, f"epoch_{epoch + 1:03d}.weights.h5")
+        tmp = path + ".tmp.weights.h5"
+        self.target.save_weights(tmp)
+        os.replace(tmp, path)

@@ -1,0 +1,133 @@
+"""Frozen run configurations.
+
+`cli.py` is the only place that reads flags; it turns them into these
+dataclasses, and everything below takes them (or plain arguments) explicitly.
+"""
+
+import dataclasses
+from typing import Optional
+
+PRECISION_MODES = (
+    "allow_fp32_to_fp16",
+    "force_fp16",
+    "must_keep_origin_dtype",
+    "allow_mix_precision",
+)
+
+DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceConfig:
+    """The ModelZoo device flags, with their ModelZoo names and defaults.
+
+    On Ascend they configure `npu_device.global_options()`; on GPU/CPU each
+    does its nearest real equivalent (see `device.py`).
+    """
+
+    precision_mode: str = "allow_mix_precision"
+    static: bool = False
+    over_dump: bool = False
+    over_dump_path: Optional[str] = None
+    data_dump_flag: bool = False
+    data_dump_step: str = "10"
+    data_dump_path: Optional[str] = None
+    profiling: bool = False
+    profiling_dump_path: Optional[str] = None
+    use_mixlist: bool = False
+    mixlist_file: str = "ops_info.json"
+    fusion_off_flag: bool = False
+    fusion_off_file: str = "fusion_switch.cfg"
+
+    def __post_init__(self):
+        if self.precision_mode not in PRECISION_MODES:
+            raise ValueError(
+                f"--precision_mode must be one of {', '.join(PRECISION_MODES)}, "
+                f"got {self.precision_mode!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything one knowledge-distillation run needs.
+
+    Args:
+        data_path: folder with `mnist.npz` or the four MNIST IDX files, or the
+            tensorflow-datasets `data_dir` when `dataset` is `tfds:NAME`.
+        dataset: `None` for MNIST-format files, or `tfds:NAME`.
+        epoch: epochs for the scratch and distilled students.
+        teacher_epoch: epochs for the teacher. Defaults to `epoch`.
+        batch_size: examples per training step.
+        log_steps: interval, in steps, of the throughput log.
+        alpha: weight of the student (label) loss; `1 - alpha` weighs the
+            distillation loss.
+        temperature: softmax temperature of the distillation loss.
+        learning_rate: Adam learning rate of all three models.
+        seed: seed of weights initialisation and data shuffling.
+        output_dir: where models, checkpoints, logs and `summary.json` go.
+        teacher: name of the zoo teacher to build (see `models.TEACHERS`).
+        student: name of the zoo student to build (see `models.STUDENTS`).
+        teacher_model: path of a user `.keras` teacher; evaluated, not trained.
+        student_model: path of a user `.keras` student architecture; it is
+            re-initialised for the scratch and distilled runs.
+        max_steps: if set, bounds the steps of every epoch (perf runs).
+        train_size: if set, uses only the first `train_size` training examples.
+        test_size: if set, uses only the first `test_size` test examples.
+        cache_teacher: compute teacher logits once instead of every step.
+        quantize: quantize the distilled student at the end of the run.
+        device: the ModelZoo device flags.
+    """
+
+    data_path: str = DEFAULT_DATA_PATH
+    dataset: Optional[str] = None
+    epoch: int = 5
+    teacher_epoch: Optional[int] = None
+    batch_size: int = 32
+    log_steps: int = 100
+    alpha: float = 0.1
+    temperature: float = 10.0
+    learning_rate: float = 1e-3
+    seed: int = 42
+    output_dir: str = "output"
+    teacher: str = "cnn"
+    student: str = "seed_student"
+    teacher_model: Optional[str] = None
+    student_model: Optional[str] = None
+    max_steps: Optional[int] = None
+    train_size: Optional[int] = None
+    test_size: Optional[int] = None
+    cache_teacher: bool = True
+    quantize: bool = False
+    device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+
+    def __post_init__(self):
+        _check_positive("epoch", self.epoch)
+        _check_positive("batch_size", self.batch_size)
+        _check_positive("log_steps", self.log_steps)
+        if self.teacher_epoch is not None and self.teacher_epoch < 0:
+            raise ValueError(
+                f"--teacher_epoch must be >= 0, got {self.teacher_epoch}"
+            )
+        for name in ("max_steps", "train_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value)
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be between 0.0 and 1.0, got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"--temperature must be positive, got {self.temperature}"
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(
+                f"--learning_rate must be positive, got {self.learning_rate}"
+            )
+
+    @property
+    def teacher_epochs(self):
+        return self.epoch if self.teacher_epoch is None else self.teacher_epoch
+
+
+def _check_positive(name, value):
+    if value <= 0:
+        raise ValueError(f"--{name} must be positive, got {value}")

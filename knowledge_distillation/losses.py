@@ -1,0 +1,122 @@
+"""Knowledge-distillation losses.
+
+`KDLoss` is Hinton's soft-target loss in the `keras.distillation`
+`DistillationLoss` protocol, so it plugs into Keras' own distiller as well as
+ours. It is computed in float32 from log-softmax, whatever the compute dtype of
+the logits, and always carries the explicit T^2 factor.
+"""
+
+import keras
+from keras import ops
+
+
+def soft_kl_divergence(teacher_logits, student_logits, temperature):
+    """Mean over the batch of KL(softmax(t/T) || softmax(s/T)), in float32.
+
+    Log-softmax keeps it finite where float16 softmax would underflow to 0.
+
+    Args:
+        teacher_logits: tensor `(batch, classes)`.
+        student_logits: tensor `(batch, classes)`.
+        temperature: positive float.
+
+    Returns:
+        Scalar float32 tensor (without the T^2 factor).
+    """
+    t = ops.cast(teacher_logits, "float32") / temperature
+    s = ops.cast(student_logits, "float32") / temperature
+    log_p_teacher = ops.log_softmax(t, axis=-1)
+    log_p_student = ops.log_softmax(s, axis=-1)
+    per_example = ops.sum(
+        ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1
+    )
+    return ops.mean(per_example)
+
+
+class KDLoss(keras.distillation.DistillationLoss):
+    """Hinton et al. (2015) soft-target loss: `T^2 * KL(p_t^T || p_s^T)`.
+
+    The T^2 factor keeps the soft-target gradients on the same scale as the
+    hard-label gradients when the temperature changes.
+
+    Args:
+        temperature: softmax temperature, > 0. Defaults to 10.0.
+
+    Example:
+
+    ```python
+    loss = KDLoss(temperature=4.0)
+    value = loss.compute_loss(teacher_logits, student_logits)
+    ```
+    """
+
+    def __init__(self, temperature=10.0):
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(
+                f"temperature must be a positive number, got {temperature!r}"
+            )
+        self.temperature = float(temperature)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        return (self.temperature**2) * soft_kl_divergence(
+            teacher_outputs, student_outputs, self.temperature
+        )
+
+    def get_config(self):
+        return {"temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class KerasLossDistillation(keras.distillation.DistillationLoss):
+    """Adapts a plain Keras loss the way the keras-io / ModelZoo code uses it.
+
+    `loss(softmax(t/T), softmax(s/T)) * T^2`, evaluated in float32, e.g. with
+    `keras.losses.KLDivergence()`.
+
+    Args:
+        loss: a Keras loss or callable on probabilities.
+        temperature: softmax temperature, > 0.
+    """
+
+    def __init__(self, loss, temperature):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.loss = loss
+        self.temperature = float(temperature)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        t = ops.cast(teacher_outputs, "float32") / self.temperature
+        s = ops.cast(student_outputs, "float32") / self.temperature
+        value = self.loss(ops.softmax(t, axis=-1), ops.softmax(s, axis=-1))
+        return ops.mean(value) * (self.temperature**2)
+
+
+def as_distillation_loss(distillation_loss_fn, temperature):
+    """Normalises what `Distiller.compile` accepts into a `DistillationLoss`.
+
+    Args:
+        distillation_loss_fn: `None` (the default `KDLoss`), a
+            `keras.distillation.DistillationLoss` (used as is: it owns its
+            temperature), or a Keras loss / callable on softened
+            probabilities (keras-io style).
+        temperature: the temperature for `None` and for Keras losses.
+
+    Returns:
+        A `keras.distillation.DistillationLoss`.
+    """
+    if distillation_loss_fn is None:
+        return KDLoss(temperature)
+    if isinstance(distillation_loss_fn, keras.distillation.DistillationLoss):
+        return distillation_loss_fn
+    if isinstance(distillation_loss_fn, str):
+        distillation_loss_fn = keras.losses.get(distillation_loss_fn)
+    if not callable(distillation_loss_fn):
+        raise ValueError(
+            "distillation_loss_fn must be None, a keras.distillation."
+            "DistillationLoss, a Keras loss or a callable, got "
+            f"{distillation_loss_fn!r}"
+        )
+    return KerasLossDistillation(distillation_loss_fn, temperature)

@@ -1,0 +1,386 @@
+"""The knowledge-distillation run: teacher, scratch student, distilled student.
+
+It reads like the keras-io example, top to bottom: load the data, train (or
+load) the teacher, train a student from scratch as the baseline, distil a
+fresh student of the same architecture and initial weights, evaluate all three
+on the test split, write `summary.json`.
+
+Each phase resumes where a killed run stopped: a finished phase is reloaded
+from its saved model, an unfinished one restarts from its last finished epoch
+through `keras.callbacks.BackupAndRestore`.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import keras
+import numpy as np
+
+from knowledge_distillation import data as data_lib
+from knowledge_distillation import models
+from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
+from knowledge_distillation.device import setup_device
+from knowledge_distillation.distiller import Distiller
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+def write_json_atomic(path, payload):
+    """Writes JSON to `path` through a temporary file and a rename."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _save_model_atomic(model, path):
+    tmp = path[: -len(".keras")] + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+class _Phase:
+    """Paths and callbacks of one training phase (teacher, scratch, distilled)."""
+
+    def __init__(self, config, name):
+        self.config = config
+        self.name = name
+        out = config.output_dir
+        self.model_path = os.path.join(out, f"{name}.keras")
+        self.backup_dir = os.path.join(out, "backup", name)
+        self.checkpoint_dir = os.path.join(out, "checkpoints", name)
+        self.csv_path = os.path.join(out, "logs", f"{name}.csv")
+        self.tensorboard_dir = os.path.join(out, "logs", "tensorboard", name)
+        self.throughput = ThroughputLogger(config.batch_size, config.log_steps, name)
+
+    @property
+    def finished(self):
+        return os.path.isfile(self.model_path)
+
+    def callbacks(self, target, session):
+        os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
+        return [
+            keras.callbacks.BackupAndRestore(self.backup_dir, delete_checkpoint=True),
+            EpochCheckpoint(target, self.checkpoint_dir),
+            keras.callbacks.CSVLogger(self.csv_path, append=True),
+            keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),
+            self.throughput,
+            *session.callbacks(),
+        ]
+
+
+def _verbose():
+    return 1 if sys.stdout.isatty() else 2
+
+
+def _optimizer(config, steps_per_epoch, epochs):
+    # Cosine decay to zero over the phase: the same schedule for every model,
+    # so the scratch and distilled students are compared on equal terms.
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=max(1, steps_per_epoch * epochs)
+    )
+    return keras.optimizers.Adam(schedule)
+
+
+def _classifier_compile(model, optimizer, session):
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        **session.compile_kwargs(),
+    )
+
+
+def _evaluate(model, test_ds, session):
+    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+        _classifier_compile(model, "adam", session)
+    result = model.evaluate(test_ds, verbose=0, return_dict=True)
+    return {"accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
+
+
+def _last_epoch_metrics(history):
+    if history is None or not history.history:
+        return {}
+    return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+class Trainer:
+    """Runs the three phases of one configuration.
+
+    Args:
+        config: a `TrainConfig`.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.session = None
+        self.data = None
+        self.steps_per_epoch = None
+
+    # -- data ------------------------------------------------------------
+    def _train_ds(self, extra=None):
+        cfg = self.config
+        ds = data_lib.make_dataset(
+            self.data.x_train,
+            self.data.y_train,
+            cfg.batch_size,
+            shuffle=True,
+            seed=cfg.seed,
+            drop_remainder=cfg.device.static,
+            extra=extra,
+        )
+        if extra is not None:
+            ds = ds.map(lambda x, y, t: ((x, t), y))
+        if cfg.max_steps is not None:
+            ds = ds.take(cfg.max_steps)
+        return ds
+
+    def _test_ds(self):
+        return data_lib.make_dataset(
+            self.data.x_test,
+            self.data.y_test,
+            self.config.batch_size,
+            drop_remainder=self.config.device.static,
+        )
+
+    def _count_steps(self):
+        n = len(self.data.x_train)
+        bs = self.config.batch_size
+        steps = n // bs if self.config.device.static else -(-n // bs)
+        if self.config.max_steps is not None:
+            steps = min(steps, self.config.max_steps)
+        if steps == 0:
+            raise ValueError(
+                f"--batch_size {bs} is larger than the {n} training examples "
+                "and --static drops partial batches: nothing to train on"
+            )
+        return steps
+
+    # -- models ----------------------------------------------------------
+    def _build(self, name, user_path, flag):
+        cfg = self.config
+        if user_path:
+            model = models.load_model(user_path, flag)
+            models.check_compatible(
+                model, self.data.input_shape, self.data.num_classes, flag
+            )
+            return model
+        return models.build_model(
+            name, self.data.input_shape, self.data.num_classes, seed=cfg.seed
+        )
+
+    def _fresh_student(self):
+        """The student architecture with the run's seeded initial weights."""
+        cfg = self.config
+        if cfg.student_model:
+            user = models.load_model(cfg.student_model, "--student_model")
+            models.check_compatible(
+                user, self.data.input_shape, self.data.num_classes, "--student_model"
+            )
+            keras.utils.set_random_seed(cfg.seed)
+            model = keras.models.clone_model(user)
+        else:
+            model = self._build(cfg.student, None, "--student")
+        return self.session.prepare_model(model)
+
+    def _fit(self, phase, model, target, train_ds, epochs):
+        logger.info(
+            "%s: training %s (%d parameters) for %d epochs of %d steps",
+            phase.name,
+            target.name,
+            target.count_params(),
+            epochs,
+            self.steps_per_epoch,
+        )
+        start = time.perf_counter()
+        history = model.fit(
+            train_ds,
+            epochs=epochs,
+            callbacks=phase.callbacks(target, self.session),
+            verbose=_verbose(),
+        )
+        seconds = time.perf_counter() - start
+        _save_model_atomic(target, phase.model_path)
+        metrics = _last_epoch_metrics(history)
+        return {
+            "training_time_sec": seconds,
+            "examples_per_sec": phase.throughput.examples_per_sec,
+            "train_accuracy": metrics.get("accuracy"),
+            "train_loss": metrics.get("loss"),
+        }
+
+    def _resume_or_none(self, phase):
+        if not phase.finished:
+            return None
+        logger.info("%s: finished in an earlier run, loading %s", phase.name, phase.model_path)
+        return models.load_model(phase.model_path, f"{phase.name} model")
+
+    # -- phases ----------------------------------------------------------
+    def teacher(self):
+        cfg = self.config
+        if cfg.teacher_model:
+            logger.info("teacher: loading %s (evaluated, not retrained)", cfg.teacher_model)
+            return self._build(None, cfg.teacher_model, "--teacher_model"), {"trained": False}
+        phase = _Phase(cfg, "teacher")
+        model = self._resume_or_none(phase)
+        if model is not None:
+            return model, {"trained": True, "resumed": True}
+        model = self.session.prepare_model(self._build(cfg.teacher, None, "--teacher"))
+        if cfg.teacher_epochs == 0:
+            raise ValueError(
+                "--teacher_epoch 0 trains no teacher: give --teacher_model PATH "
+                "or a positive --teacher_epoch"
+            )
+        _classifier_compile(
+            model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs), self.session
+        )
+        stats = self._fit(phase, model, model, self._train_ds(), cfg.teacher_epochs)
+        return model, {"trained": True, **stats}
+
+    def scratch(self):
+        cfg = self.config
+        phase = _Phase(cfg, "scratch")
+        model = self._resume_or_none(phase)
+        if model is not None:
+            return model, {"resumed": True}
+        model = self._fresh_student()
+        _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch), self.session)
+        stats = self._fit(phase, model, model, self._train_ds(), cfg.epoch)
+        return model, stats
+
+    def distill(self, teacher):
+        cfg = self.config
+        phase = _Phase(cfg, "distilled")
+        model = self._resume_or_none(phase)
+        if model is not None:
+            return model, {"resumed": True}
+        student = self._fresh_student()
+        if cfg.cache_teacher:
+            logger.info(
+                "distilled: computing teacher logits once for %d training images "
+                "(inference mode); the student trains from them",
+                len(self.data.x_train),
+            )
+            start = time.perf_counter()
+            logits = self.teacher_logits(teacher)
+            logger.info("distilled: teacher logits in %.1f s", time.perf_counter() - start)
+            train_ds = self._train_ds(extra=logits)
+        else:
+            logger.info("distilled: the teacher runs on every training step (--nocache_teacher)")
+            train_ds = self._train_ds()
+        distiller = Distiller(
+            teacher=teacher, student=student, teacher_outputs_in_data=cfg.cache_teacher
+        )
+        distiller.compile(
+            optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch),
+            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            **self.session.compile_kwargs(),
+        )
+        # BackupAndRestore needs a built model; one batch builds it.
+        distiller(next(iter(train_ds))[0])
+        stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
+        return student, stats
+
+    def teacher_logits(self, teacher):
+        """Teacher logits of the whole training split, batched, inference mode."""
+        ds = data_lib.make_dataset(self.data.x_train, self.data.y_train, 512)
+        logits = teacher.predict(ds.map(lambda x, y: x), verbose=0)
+        return np.asarray(logits, dtype=np.float32)
+
+    # -- the run ---------------------------------------------------------
+    def run(self):
+        cfg = self.config
+        wall_start = time.perf_counter()
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        self.session = setup_device(cfg.device, cfg.output_dir)
+        self.data = data_lib.load_data(
+            cfg.data_path, cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size
+        )
+        logger.info(
+            "data: %s, %d training and %d test images of shape %s, %d classes",
+            self.data.name,
+            len(self.data.x_train),
+            len(self.data.x_test),
+            self.data.input_shape,
+            self.data.num_classes,
+        )
+        self.steps_per_epoch = self._count_steps()
+        test_ds = self._test_ds()
+
+        teacher, teacher_stats = self.teacher()
+        teacher_eval = _evaluate(teacher, test_ds, self.session)
+        logger.info("teacher: test accuracy %.4f, loss %.4f", teacher_eval["accuracy"], teacher_eval["loss"])
+
+        scratch, scratch_stats = self.scratch()
+        scratch_eval = _evaluate(scratch, test_ds, self.session)
+        logger.info("scratch student: test accuracy %.4f, loss %.4f", scratch_eval["accuracy"], scratch_eval["loss"])
+
+        distilled, distill_stats = self.distill(teacher)
+        distilled_eval = _evaluate(distilled, test_ds, self.session)
+        logger.info("distilled student: test accuracy %.4f, loss %.4f", distilled_eval["accuracy"], distilled_eval["loss"])
+
+        summary = {
+            "teacher": {**teacher_eval, "parameters": int(teacher.count_params()), **teacher_stats},
+            "scratch": {**scratch_eval, "parameters": int(scratch.count_params()), **scratch_stats},
+            "distilled": {**distilled_eval, "parameters": int(distilled.count_params()), **distill_stats},
+            "examples_per_sec": distill_stats.get("examples_per_sec"),
+            "train_accuracy": distill_stats.get("train_accuracy"),
+            "train_loss": distill_stats.get("train_loss"),
+            "training_time_sec": distill_stats.get("training_time_sec"),
+            "data": {
+                "name": self.data.name,
+                "train_examples": len(self.data.x_train),
+                "test_examples": len(self.data.x_test),
+                "input_shape": list(self.data.input_shape),
+                "num_classes": self.data.num_classes,
+            },
+            "dtype_policy": keras.mixed_precision.global_policy().name,
+            "config": dataclasses.asdict(cfg),
+        }
+        if cfg.quantize:
+            summary["quantization"] = self.quantize(distilled)
+        summary["wall_time_sec"] = time.perf_counter() - wall_start
+        write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
+        return summary
+
+    def quantize(self, student):
+        from knowledge_distillation.quant import quantize_model
+
+        return quantize_model(
+            student,
+            self.data,
+            os.path.join(self.config.output_dir, "quant"),
+            name="distilled_student",
+            batch_size=self.config.batch_size,
+        )
+
+
+def run(config):
+    """Runs one knowledge-distillation configuration; returns the summary dict."""
+    return Trainer(config).run()
+
+
+def format_summary(summary):
+    """The final summary as the lines the CLI prints."""
+    rows = [("teacher", summary["teacher"]), ("scratch student", summary["scratch"]),
+            ("distilled student", summary["distilled"])]
+    lines = ["------------------ Summary ------------------"]
+    for label, row in rows:
+        lines.append(
+            f"{label:<18} test accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+            f"  params {row['parameters']}"
+        )
+    gain = summary["distilled"]["accuracy"] - summary["scratch"]["accuracy"]
+    lines.append(f"distillation gain over scratch: {gain * 100:+.2f} points")
+    lines.append(f"distillation throughput: {summary['examples_per_sec'] or 0:.1f} examples/sec")
+    lines.append(f"wall time: {summary['wall_time_sec']:.1f} s")
+    return "\n".join(lines)
