@@ -293,9 +293,10 @@ def _read_npz(path):
         "and no object arrays (it is loaded with allow_pickle=False)"
     )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise DataError(f"{path}: found a single .npy array; {expected}")
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: found a single .npy array; {expected}")
+        with loaded as npz:
             missing = [key for key in SPLIT_KEYS if key not in npz.files]
             if missing:
                 raise DataError(

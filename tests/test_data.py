@@ -21,8 +21,6 @@ from knowledge_distillation.data import (
     preprocess,
 )
 
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
 
 def write_idx(path, array, magic=None):
     """Writes `array` as a uint8 IDX file, gzipped when `path` ends in .gz."""
@@ -51,15 +49,15 @@ def write_mnist_folder(folder, x_train, y_train, x_test, y_test, gz=True):
 
 
 @pytest.fixture(scope="module")
-def full():
+def full(fashion_mnist_path):
     """All of real Fashion-MNIST."""
-    return load_data(FASHION_MNIST)
+    return load_data(fashion_mnist_path)
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(fashion_mnist_path):
     """The first 200 train and 100 test images of real Fashion-MNIST."""
-    return load_data(FASHION_MNIST, train_size=200, test_size=100)
+    return load_data(fashion_mnist_path, train_size=200, test_size=100)
 
 
 @pytest.fixture
@@ -284,6 +282,13 @@ def test_file_that_is_not_an_npz_archive_is_reported(tmp_path):
     path = tmp_path / "mnist.npz"
     path.write_bytes(b"garbage" * 20)
     assert_data_error(tmp_path, "cannot load", path)
+
+
+def test_single_npy_array_named_mnist_npz_is_reported(tmp_path, real):
+    path = tmp_path / "mnist.npz"
+    with open(path, "wb") as f:
+        np.save(f, real.x_train)
+    assert_data_error(tmp_path, "found a single .npy array", path)
 
 
 def test_unknown_dataset_kind_is_reported(tmp_path):

@@ -1,0 +1,376 @@
+"""Ascend precision modes and mixlists as per-layer Keras dtype policies.
+
+Ascend decides precision per *op*; Keras decides it per *layer* (one compute
+dtype for everything a layer emits). So each Keras layer class is mapped to
+the TensorFlow op types it emits, and the Ascend rules are applied to that set:
+
+- `must_keep_origin_dtype`: nothing changes.
+- `allow_fp32_to_fp16`: matrix ops (Conv, MatMul, Einsum) go low precision,
+  vector ops keep float32.
+- `allow_mix_precision`: white-list ops go low precision, black-list ops keep
+  float32, gray ops follow their input ("the previous op"), as in Ascend's
+  built-in lists; `--use_mixlist` edits the lists from an `ops_info.json`.
+- `force_fp16`: every floating-point layer goes low precision, even one a
+  user pinned to float32.
+
+"Low precision" is the Keras mixed policy: float32 variables, float16 compute
+on GPU (with dynamic loss scaling), bfloat16 on CPU (same range as float32,
+no loss scaling needed).
+"""
+
+import dataclasses
+import json
+import logging
+
+import keras
+
+logger = logging.getLogger(__name__)
+
+# Op types of the matrix ("cube") units: low precision under allow_fp32_to_fp16
+# and the default white list of allow_mix_precision.
+MATRIX_OPS = frozenset(
+    {
+        "Conv2D",
+        "Conv3D",
+        "DepthwiseConv2dNative",
+        "Conv2DBackpropInput",
+        "Conv3DBackpropInputV2",
+        "MatMul",
+        "BatchMatMulV2",
+        "Einsum",
+    }
+)
+# Numerically sensitive ops kept float32 by default (Keras' own mixed-precision
+# guidance for the final softmax); a mixlist can move them.
+DEFAULT_BLACK_OPS = frozenset({"Softmax", "LogSoftmax"})
+
+_ACTIVATION_OPS = {
+    "relu": ("Relu",),
+    "relu6": ("Relu6",),
+    "leaky_relu": ("LeakyRelu",),
+    "elu": ("Elu",),
+    "selu": ("Selu",),
+    "gelu": ("Gelu",),
+    "sigmoid": ("Sigmoid",),
+    "hard_sigmoid": ("HardSigmoid",),
+    "silu": ("Swish",),
+    "swish": ("Swish",),
+    "tanh": ("Tanh",),
+    "softmax": ("Softmax",),
+    "log_softmax": ("LogSoftmax",),
+    "softplus": ("Softplus",),
+    "softsign": ("Softsign",),
+    "exponential": ("Exp",),
+    "linear": (),
+}
+
+L = keras.layers
+# (layer classes, op types of the layer itself); the first match wins, so
+# subclasses come before their bases. Bias and `activation=` ops are added by
+# `layer_op_types`.
+_LAYER_OPS = (
+    ((L.SeparableConv1D, L.SeparableConv2D), ("DepthwiseConv2dNative", "Conv2D")),
+    ((L.DepthwiseConv1D, L.DepthwiseConv2D), ("DepthwiseConv2dNative",)),
+    ((L.Conv1DTranspose, L.Conv2DTranspose), ("Conv2DBackpropInput",)),
+    ((L.Conv3DTranspose,), ("Conv3DBackpropInputV2",)),
+    ((L.Conv3D,), ("Conv3D",)),
+    # TensorFlow runs a 1-D convolution as Conv2D on an expanded input.
+    ((L.Conv1D, L.Conv2D), ("Conv2D",)),
+    ((L.Dense,), ("MatMul",)),
+    ((L.EinsumDense,), ("Einsum",)),
+    ((L.BatchNormalization,), ("FusedBatchNormV3",)),
+    ((L.LayerNormalization,), ("LayerNorm",)),
+    ((L.LeakyReLU,), ("LeakyRelu",)),
+    ((L.PReLU,), ("PRelu",)),
+    ((L.ELU,), ("Elu",)),
+    ((L.Softmax,), ("Softmax",)),
+    ((L.MaxPooling1D, L.MaxPooling2D), ("MaxPool",)),
+    ((L.MaxPooling3D,), ("MaxPool3D",)),
+    ((L.AveragePooling1D, L.AveragePooling2D), ("AvgPool",)),
+    ((L.AveragePooling3D,), ("AvgPool3D",)),
+    (
+        (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D),
+        ("Mean",),
+    ),
+    ((L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D), ("Max",)),
+    ((L.Flatten, L.Reshape), ("Reshape",)),
+    ((L.Permute,), ("Transpose",)),
+    ((L.Add,), ("AddV2",)),
+    ((L.Subtract,), ("Sub",)),
+    ((L.Multiply,), ("Mul",)),
+    ((L.Concatenate,), ("ConcatV2",)),
+    ((L.Maximum,), ("Maximum",)),
+    ((L.Minimum,), ("Minimum",)),
+    ((L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D), ("Pad",)),
+    ((L.Rescaling,), ("Mul", "AddV2")),
+    ((L.Embedding,), ("GatherV2",)),
+)
+del L
+
+# Ascend spellings of the same ops, so an ops_info.json written for Ascend
+# works unchanged.
+OP_ALIASES = {
+    "MatMulV2": "MatMul",
+    "BatchMatMul": "BatchMatMulV2",
+    "SoftmaxV2": "Softmax",
+    "FusedBatchNorm": "FusedBatchNormV3",
+    "FusedBatchNormV2": "FusedBatchNormV3",
+    "BNTrainingReduce": "FusedBatchNormV3",
+    "BNTrainingUpdate": "FusedBatchNormV3",
+    "BNInfer": "FusedBatchNormV3",
+    "DepthwiseConv2D": "DepthwiseConv2dNative",
+    "Add": "AddV2",
+    "ConcatD": "ConcatV2",
+    "ReduceMean": "Mean",
+    "ReduceMeanD": "Mean",
+    "ReduceMax": "Max",
+    "ReduceMaxD": "Max",
+    "PadD": "Pad",
+    "GatherV2D": "GatherV2",
+    "TransposeD": "Transpose",
+    "LayerNormV3": "LayerNorm",
+}
+
+_MIXLIST_SECTIONS = ("black-list", "white-list", "gray-list")
+_MIXLIST_ACTIONS = ("to-add", "to-remove")
+
+
+def known_op_types():
+    """Every op type a mixlist may name on GPU/CPU, sorted."""
+    ops = set(MATRIX_OPS) | set(DEFAULT_BLACK_OPS) | set(OP_ALIASES)
+    ops |= {"BiasAdd"}
+    for _, layer_ops in _LAYER_OPS:
+        ops.update(layer_ops)
+    for activation_ops in _ACTIVATION_OPS.values():
+        ops.update(activation_ops)
+    return sorted(ops)
+
+
+def layer_op_types(layer):
+    """The TensorFlow op types `layer` emits, as a frozenset (may be empty)."""
+    ops = set()
+    for classes, layer_ops in _LAYER_OPS:
+        if isinstance(layer, classes):
+            ops.update(layer_ops)
+            break
+    if isinstance(layer, keras.layers.ReLU):
+        ops.add("LeakyRelu" if layer.negative_slope else "Relu")
+    if getattr(layer, "use_bias", False) and ops & MATRIX_OPS:
+        ops.add("BiasAdd")
+    activation = getattr(layer, "activation", None)
+    if activation is not None:
+        name = getattr(activation, "__name__", str(activation))
+        ops.update(_ACTIVATION_OPS.get(name, ()))
+    return frozenset(ops)
+
+
+@dataclasses.dataclass(frozen=True)
+class MixList:
+    """Ascend precision lists by op type: white = low, black = float32."""
+
+    white: frozenset = MATRIX_OPS
+    black: frozenset = DEFAULT_BLACK_OPS
+    gray: frozenset = frozenset()
+
+
+def read_json_file(path, flag):
+    """Parses a JSON file; any failure is one ValueError naming flag and file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"--{flag}={path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--{flag}={path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--{flag}={path}: cannot be read ({e})") from None
+
+
+def parse_mixlist(data, path, check_op_types=True):
+    """Validates an `ops_info.json` document and applies it to the defaults.
+
+    Args:
+        data: the parsed JSON.
+        path: the file, for error messages.
+        check_op_types: if True, op types unknown on GPU/CPU are an error
+            (on Ascend, CANN knows its own ops).
+
+    Returns:
+        A `MixList`.
+    """
+    where = f"--mixlist_file={path}"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    unknown_sections = sorted(set(data) - set(_MIXLIST_SECTIONS))
+    if unknown_sections:
+        raise ValueError(
+            f"{where}: unknown section(s) {unknown_sections}; expected "
+            f"{', '.join(_MIXLIST_SECTIONS)}"
+        )
+    lists = {
+        "black-list": set(DEFAULT_BLACK_OPS),
+        "white-list": set(MATRIX_OPS),
+        "gray-list": set(),
+    }
+    added = {}
+    known = set(known_op_types())
+    for section in _MIXLIST_SECTIONS:
+        body = data.get(section, {})
+        if not isinstance(body, dict) or set(body) - set(_MIXLIST_ACTIONS):
+            raise ValueError(
+                f'{where}: "{section}" must be an object with "to-add" and/or '
+                f'"to-remove" lists, got {body!r}'
+            )
+        for action in _MIXLIST_ACTIONS:
+            ops = body.get(action, [])
+            if not isinstance(ops, list) or not all(isinstance(o, str) for o in ops):
+                raise ValueError(
+                    f'{where}: "{section}"."{action}" must be a list of op type '
+                    f"strings, got {ops!r}"
+                )
+            if check_op_types:
+                unknown = sorted(set(ops) - known)
+                if unknown:
+                    raise ValueError(
+                        f"{where}: unknown op type(s) {unknown} in "
+                        f'"{section}"."{action}". Known op types: '
+                        f"{', '.join(sorted(known))}"
+                    )
+            canonical = [OP_ALIASES.get(o, o) for o in ops]
+            if action == "to-remove":
+                lists[section].difference_update(canonical)
+                continue
+            for op in canonical:
+                if op in added and added[op] != section:
+                    raise ValueError(
+                        f"{where}: op type {op} is added to both "
+                        f'"{added[op]}" and "{section}"'
+                    )
+                added[op] = section
+                for other in lists.values():
+                    other.discard(op)
+                lists[section].add(op)
+    return MixList(
+        white=frozenset(lists["white-list"]),
+        black=frozenset(lists["black-list"]),
+        gray=frozenset(lists["gray-list"]),
+    )
+
+
+def low_precision_policy(has_gpu):
+    """The Keras mixed policy for this machine's low precision."""
+    return "mixed_float16" if has_gpu else "mixed_bfloat16"
+
+
+def global_policy_for(mode, low_policy):
+    """Global policy models are built under, before per-layer overrides."""
+    if mode in ("allow_mix_precision", "force_fp16"):
+        return low_policy
+    return "float32"
+
+
+def _is_container(layer):
+    return isinstance(layer, (keras.Model, keras.layers.InputLayer))
+
+
+def _ordered_layers(model):
+    """Every non-container layer, parents before the layers they feed."""
+    out = []
+
+    def visit(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return
+        if isinstance(layer, keras.Model):
+            for child in layer.layers:
+                visit(child)
+            return
+        out.append(layer)
+        for child in layer._flatten_layers(include_self=False, recursive=False):
+            visit(child)
+
+    visit(model)
+    seen = set()
+    return [l for l in out if not (id(l) in seen or seen.add(id(l)))]
+
+
+def _upstream_layers(layer):
+    """Layers feeding `layer` in a functional graph; None when unknown."""
+    nodes = getattr(layer, "_inbound_nodes", None)
+    if not nodes:
+        return None
+    return [parent.operation for parent in nodes[0].parent_nodes]
+
+
+def plan_layer_policies(model, mode, low_policy, mixlist=None):
+    """Decides every layer's dtype policy for an Ascend precision mode.
+
+    Args:
+        model: a Keras model (a Distiller's teacher and student included).
+        mode: one of `config.PRECISION_MODES`.
+        low_policy: `"mixed_float16"` or `"mixed_bfloat16"`.
+        mixlist: a `MixList` for allow_mix_precision; defaults to the
+            built-in lists.
+
+    Returns:
+        A list of `(layer, policy_name, reason)`; empty for
+        must_keep_origin_dtype.
+    """
+    if mode == "must_keep_origin_dtype":
+        return []
+    mixlist = mixlist or MixList()
+    plan = []
+    decided = {}
+    previous_low = False
+    for layer in _ordered_layers(model):
+        if not _is_floating(layer):
+            continue
+        ops = layer_op_types(layer)
+        if mode == "force_fp16":
+            low, reason = True, "force_fp16"
+        elif mode == "allow_fp32_to_fp16":
+            matrix = sorted(ops & MATRIX_OPS)
+            low = bool(matrix)
+            reason = f"matrix op {matrix[0]}" if low else "vector op keeps float32"
+        elif ops & mixlist.black:
+            low, reason = False, f"black-list {sorted(ops & mixlist.black)[0]}"
+        elif ops & mixlist.white:
+            low, reason = True, f"white-list {sorted(ops & mixlist.white)[0]}"
+        else:
+            upstream = _upstream_layers(layer)
+            if upstream is None:
+                low = previous_low
+            else:
+                low = bool(upstream) and all(decided.get(id(u), False) for u in upstream)
+            reason = "gray: follows its input"
+        decided[id(layer)] = low
+        previous_low = low
+        plan.append((layer, low_policy if low else "float32", reason))
+    return plan
+
+
+def _is_floating(layer):
+    policy = layer.dtype_policy
+    if getattr(policy, "quantization_mode", None) is not None:
+        return False  # a quantized layer's policy carries its quantization
+    return policy.compute_dtype is not None and "float" in policy.compute_dtype
+
+
+def apply_layer_policies(plan):
+    """Sets each planned layer's dtype policy in place; weights are kept.
+
+    Every policy used (float32, mixed_float16, mixed_bfloat16) keeps float32
+    variables, so changing it on a built layer leaves its weights untouched.
+    """
+    for layer, policy, _ in plan:
+        if layer.dtype_policy.name != policy:
+            layer.dtype_policy = policy
+
+
+def summarize_plan(plan):
+    """One log line: how many layers run low precision and which stay float32."""
+    low = [layer.name for layer, policy, _ in plan if policy != "float32"]
+    kept = [f"{layer.name} ({reason})" for layer, policy, reason in plan if policy == "float32"]
+    return (
+        f"{len(low)} layer(s) low precision, {len(kept)} float32"
+        + (f": {', '.join(kept)}" if kept else "")
+    )

@@ -1,0 +1,193 @@
+"""`create_quant_model`: the quantized (student) copy of a float model.
+
+The float model's graph is replayed layer by layer: every unit's
+Conv2D/DepthwiseConv2D/Dense becomes a `QuantizedLayer` with its BatchNorm
+folded in, training-only layers (Dropout, noise) are dropped, and every other
+layer is a frozen copy of the float one. A second, plain float copy serves as
+the teacher, so the user's model is never modified.
+"""
+
+import logging
+
+import keras
+
+from knowledge_distillation.quant import quantize_graph
+from knowledge_distillation.quant.quantize_layers import QuantizedLayer
+
+logger = logging.getLogger(__name__)
+
+
+def _clone_layer(layer):
+    if not isinstance(layer, keras.layers.Layer):
+        return layer  # a stateless keras.ops operation: reuse it
+    return layer.__class__.from_config(layer.get_config())
+
+
+class QuantizedModel:
+    """A quantized copy of a float model, with what block distillation needs.
+
+    Attributes:
+        float_model: the user's model (never modified).
+        config: the `DistillConfig`.
+        graph: the float model's `Graph`.
+        units: `{head name: Unit}`.
+        blocks: the blocks, lists of float layer names in order.
+        keras_model: the quantized Keras model (TF fake-quant simulation).
+        teacher_model: a frozen float copy of the model.
+        quant_layers: `{layer name: QuantizedLayer}` in topological order.
+        unsupported: `{layer name: reason}` of weighted layers left in float.
+    """
+
+    def __init__(self, model, config):
+        self.float_model = model
+        self.config = config
+        self.graph = quantize_graph.Graph(model)
+        skip = [name for name, layer in config.layers.items() if not layer.quant_enable]
+        for name in config.layers:
+            self.graph.node(name, "distill config layer")
+        units, _, self.unsupported = quantize_graph.find_units(self.graph, skip_layers=skip)
+        heads = {unit.head for unit in units}
+        missing = heads - set(config.quantized_layers)
+        if missing:
+            raise ValueError(
+                f"the distill config does not cover layers {sorted(missing)} of model "
+                f"{model.name!r}: create the config from this model")
+        self.units = {unit.head: unit for unit in units}
+        self.blocks = quantize_graph.validate_blocks(self.graph, units, config.distill_group)
+        self.quant_layers = {}
+        self.teacher_model, self.teacher_tensors, self.teacher_layers = self._replay(quantize=False)
+        self.keras_model, self.quant_tensors, self.student_layers = self._replay(quantize=True)
+        for name, reason in self.unsupported.items():
+            logger.info("layer %s stays float: %s", name, reason)
+
+    def _replay(self, quantize):
+        graph = self.graph
+        tensors = {}
+        layers = {}
+        source = graph.input_tensor
+        new_input = keras.Input(
+            shape=source.shape[1:], dtype=source.dtype, name=source._keras_history[0].name)
+        tensors[graph.input_id] = new_input
+        folded = {unit.bn: unit.head for unit in self.units.values() if unit.bn}
+        for node in graph.nodes:
+            layer = node.layer
+            if quantize and node.name in self.units:
+                unit = self.units[node.name]
+                bn = graph.by_name[unit.bn].layer if unit.bn else None
+                qlayer = self._quantized_layer(unit, layer, bn, node)
+                out = qlayer(tensors[node.inputs[0]])
+                tensors[node.outputs[0]] = out
+                self.quant_layers[node.name] = qlayer
+                layers[node.name] = qlayer
+                continue
+            if quantize and node.name in folded:
+                tensors[node.outputs[0]] = tensors[node.inputs[0]]
+                continue
+            if quantize and isinstance(layer, quantize_graph.TRAINING_ONLY_TYPES):
+                tensors[node.outputs[0]] = tensors[node.inputs[0]]
+                continue
+            clone = _clone_layer(layer)
+            args, kwargs = node.keras_node.arguments.fill_in(tensors)
+            outputs = clone(*args, **kwargs)
+            for tensor_id, out in zip(node.outputs, keras.tree.flatten(outputs)):
+                tensors[tensor_id] = out
+            if isinstance(clone, keras.layers.Layer):
+                clone.set_weights(layer.get_weights())
+                clone.trainable = False
+            layers[node.name] = clone
+        suffix = "_quant" if quantize else "_float"
+        model = keras.Model(new_input, tensors[graph.output_id],
+                            name=f"{self.float_model.name}{suffix}")
+        return model, tensors, layers
+
+    def _quantized_layer(self, unit, layer, bn, node):
+        kernel, bias = quantize_graph.fold_batchnorm(layer, bn)
+        cfg = self.config.layers[unit.head]
+        clip = (cfg.clip_min, cfg.clip_max) if cfg.clip_max is not None else None
+        conv_args = {}
+        if unit.kind != "dense":
+            conv_args = dict(strides=layer.strides, padding=layer.padding,
+                             dilation_rate=layer.dilation_rate)
+        return QuantizedLayer(
+            unit.kind, kernel, bias,
+            activation=layer.activation,
+            weight_dst_type=cfg.weight_dst_type,
+            weight_algo=cfg.weight_algo,
+            channel_wise=cfg.channel_wise,
+            fixed_min=cfg.fixed_min,
+            clip_init=clip,
+            name=unit.head,
+            **conv_args,
+        )
+
+    # -- blocks -------------------------------------------------------------
+
+    def block_input_id(self, block):
+        """Id of the float graph tensor feeding `block`."""
+        return self.graph.by_name[block[0]].inputs[0]
+
+    def block_output_id(self, block):
+        return self.graph.by_name[block[-1]].outputs[0]
+
+    def block_quant_layers(self, block):
+        return [self.quant_layers[name] for name in block if name in self.quant_layers]
+
+    def block_models(self, block):
+        """`(teacher, student)` Keras models of one block, on a fresh input.
+
+        The teacher chains the float copy's layers, the student the quantized
+        model's layers (folded BatchNorms and training-only layers absent).
+        """
+        shape = self.quant_tensors[self.block_input_id(block)].shape[1:]
+        models = []
+        for layers in (self.teacher_layers, self.student_layers):
+            x = inputs = keras.Input(shape=shape)
+            for name in block:
+                if name in layers:
+                    x = layers[name](x)
+            models.append(keras.Model(inputs, x))
+        teacher, student = models
+        return teacher, student
+
+    def prefix_models(self, block):
+        """`(float, quantized)` models from the input to `block`'s input."""
+        tensor_id = self.block_input_id(block)
+        return (keras.Model(self.teacher_model.inputs, self.teacher_tensors[tensor_id]),
+                keras.Model(self.keras_model.inputs, self.quant_tensors[tensor_id]))
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def frozen(self):
+        return all(layer.state is not None for layer in self.quant_layers.values())
+
+    def states(self):
+        """`{layer name: QuantState}` of the frozen layers, in graph order."""
+        return {name: layer.state for name, layer in self.quant_layers.items()
+                if layer.state is not None}
+
+    def apply_record(self, states):
+        """Freezes every quantized layer to the factors of a record."""
+        missing = [name for name in self.quant_layers if name not in states]
+        extra = [name for name in states if name not in self.quant_layers]
+        if missing or extra:
+            raise ValueError(
+                f"record does not match the quantized layers: missing {missing}, "
+                f"unknown {extra}")
+        for name, layer in self.quant_layers.items():
+            layer.freeze(states[name])
+
+
+def create_quant_model(model, config):
+    """Builds the quantized copy of `model` planned by `config`.
+
+    Args:
+        model: the float functional or sequential `keras.Model`.
+        config: a `DistillConfig` made from this model.
+
+    Returns:
+        A `QuantizedModel`; its layers start unfrozen (calibrate and distil
+        them with `distill`, or freeze them from a record with
+        `apply_record`).
+    """
+    return QuantizedModel(model, config)

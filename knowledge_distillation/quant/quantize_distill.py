@@ -1,0 +1,235 @@
+"""Block distillation: each quantized block learns to reproduce its float block.
+
+Blocks are distilled one after another, in topological order, with the
+project's `Distiller`: the float block is the teacher (its outputs are
+computed once and fed as data), the quantized block the student, the loss the
+MSE of the block outputs (`alpha=0`, `FeatureDistillation("mse")`), the
+optimizer AdamW.
+
+The student's input is the output of the already-quantized model up to the
+block (so a block learns to correct the error its predecessors left), unless
+that drifts too far from the float input: when the relative error
+`mean((x_q - x_f)^2) / mean(x_f^2)` exceeds `max_input_drift`, the block
+learns from the float input instead, and the log says so.
+
+Before training, the activation clip ranges are calibrated on `batch_num`
+batches of the student input (min/max); the weight scales start from a
+per-channel MSE search. With `epochs=0` this is calibration-only
+quantization (round to nearest), the baseline distillation must beat.
+"""
+
+import logging
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from knowledge_distillation.distiller import Distiller
+from knowledge_distillation.quant import quantize_layers
+from knowledge_distillation.quant.quantize_layers import QuantizedLayer
+
+logger = logging.getLogger(__name__)
+
+# AdaRound / BRECQ schedule of the rounding regulariser.
+ROUND_REG_LAMBDA = 0.01
+ROUND_WARMUP = 0.2
+ROUND_BETA = (20.0, 2.0)
+
+
+class RoundingSchedule(keras.callbacks.Callback):
+    """Anneals the AdaRound regulariser over the block's training steps.
+
+    No regulariser for the first `warmup` fraction of steps (the rounding
+    moves freely), then weight `reg_weight` with the exponent `beta` going
+    linearly from `beta[0]` to `beta[1]`, which pushes every soft rounding to
+    0 or 1 by the end.
+    """
+
+    def __init__(self, layers, total_steps, reg_weight, warmup=ROUND_WARMUP, beta=ROUND_BETA):
+        super().__init__()
+        self.layers = [layer for layer in layers if layer.learned_rounding]
+        self.total_steps = max(int(total_steps), 1)
+        self.reg_weight = float(reg_weight)
+        self.warmup = warmup
+        self.beta = beta
+        self.step = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        progress = self.step / self.total_steps
+        if progress < self.warmup:
+            beta, weight = self.beta[0], 0.0
+        else:
+            rel = (progress - self.warmup) / (1.0 - self.warmup)
+            beta = self.beta[1] + (self.beta[0] - self.beta[1]) * max(0.0, 1.0 - rel)
+            weight = self.reg_weight
+        for layer in self.layers:
+            layer.round_beta.assign(beta)
+            layer.round_reg_weight.assign(weight)
+        self.step += 1
+
+
+def predict(model, x, batch_size=256):
+    """`model(x)` in inference mode, batched, as a NumPy array."""
+    return model.predict(x, batch_size=batch_size, verbose=0)
+
+
+def relative_error(x, reference):
+    """`mean((x - reference)^2) / mean(reference^2)` (0 for a zero reference)."""
+    denom = float(np.mean(np.square(reference, dtype=np.float64)))
+    num = float(np.mean(np.square(x - reference, dtype=np.float64)))
+    return num / denom if denom > 0 else num
+
+
+def mse(x, reference):
+    return float(np.mean(np.square(x - reference, dtype=np.float64)))
+
+
+def _dataset(x, t, batch_size, seed):
+    n = len(x)
+    rng = np.random.default_rng(seed)
+
+    def batches():
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            idx = np.sort(order[start:start + batch_size])
+            yield ((np.asarray(x[idx]), np.asarray(t[idx])),)
+
+    spec = ((tf.TensorSpec((None,) + x.shape[1:], tf.float32),
+             tf.TensorSpec((None,) + t.shape[1:], tf.float32)),)
+    return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
+
+
+def calibrate_block(student, x_in, batch_size, batch_num):
+    """Initialises the activation ranges of a block's quantized layers.
+
+    The block's layers run in order on `batch_num` batches of its input;
+    each quantized layer takes the min/max of what reaches it (after the
+    earlier layers of the block are calibrated and quantized).
+    """
+    x = x_in[: batch_size * batch_num]
+    for layer in student.layers[1:]:
+        if isinstance(layer, QuantizedLayer) and layer.state is None:
+            layer.calibrate(float(np.min(x)), float(np.max(x)))
+        x = np.concatenate([
+            keras.ops.convert_to_numpy(layer(x[i:i + 256], training=False))
+            for i in range(0, len(x), 256)])
+
+
+def _dump(dump_dir, index, name, array):
+    path = os.path.join(dump_dir, f"block{index:03d}_{name}.npy")
+    np.save(path, array)
+    return np.load(path, mmap_mode="r")
+
+
+def distill(
+    qmodel,
+    images,
+    *,
+    epochs=1,
+    batch_size=32,
+    batch_num=None,
+    max_input_drift=0.1,
+    learning_rate=quantize_layers.BASE_LR,
+    weight_decay=0.0,
+    seed=0,
+    dump_dir=None,
+):
+    """Calibrates and distils every block of `qmodel`, then freezes it.
+
+    Args:
+        qmodel: a `QuantizedModel` (from `create_quant_model`).
+        images: preprocessed float32 training images `(N, H, W, C)` (the
+            calibration set, e.g. a slice of the training split).
+        epochs: passes over `images` per block; 0 calibrates only.
+            Defaults to 1 (AMCT's one pass).
+        batch_size: examples per step. Defaults to 32.
+        batch_num: batches used to calibrate the activation ranges.
+            Defaults to the distill config's `batch_num`.
+        max_input_drift: the largest relative error of the quantized
+            predecessor's output for the block to learn from it; beyond
+            it the block learns from the float input. Defaults to 0.1.
+        learning_rate: AdamW learning rate of the rounding variables (the
+            activation clips learn at 0.1 and the weight clips at 1e-4 through
+            scaled variables). Defaults to 1e-3.
+        weight_decay: AdamW weight decay. Defaults to 0.0: the variables
+            are clips and rounding logits, not weights to shrink.
+        seed: seed of the shuffling and the optimizer. Defaults to 0.
+        dump_dir: if set, each block's input and target are written there
+            as `.npy` and read back memory-mapped (the config's `data_dump`).
+
+    Returns:
+        A list with one dict per block: `layers`, `input` ("quantized" or
+        "float"), `input_drift`, `loss_before`, `loss_after`, `seconds`.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim < 2 or len(images) == 0:
+        raise ValueError(f"distill needs a non-empty batch of images, got shape {images.shape}")
+    batch_num = batch_num or qmodel.config.batch_num
+    keras.utils.set_random_seed(seed)
+    if dump_dir:
+        os.makedirs(dump_dir, exist_ok=True)
+    reports = []
+    total = len(qmodel.blocks)
+    for index, block in enumerate(qmodel.blocks):
+        start = time.perf_counter()
+        if qmodel.block_input_id(block) == qmodel.graph.input_id:
+            x_float = x_quant = images
+        else:
+            float_prefix, quant_prefix = qmodel.prefix_models(block)
+            x_float = predict(float_prefix, images)
+            x_quant = predict(quant_prefix, images)
+        drift = relative_error(x_quant, x_float)
+        use_float = drift > max_input_drift
+        x_in = x_float if use_float else x_quant
+        teacher, student = qmodel.block_models(block)
+        target = predict(teacher, x_float)
+        if dump_dir:
+            x_in = _dump(dump_dir, index, "input", x_in)
+            target = _dump(dump_dir, index, "target", target)
+        calibrate_block(student, x_in, batch_size, batch_num)
+        loss_before = mse(predict(student, x_in), target)
+        layers = qmodel.block_quant_layers(block)
+        trainable = [v for layer in layers for v in layer.trainable_variables]
+        if epochs > 0 and trainable:
+            _fit_block(teacher, student, layers, x_in, target, epochs, batch_size,
+                       learning_rate, weight_decay, seed + index)
+        for layer in layers:
+            layer.freeze()
+        loss_after = mse(predict(student, x_in), target)
+        seconds = time.perf_counter() - start
+        source = "float input" if use_float else "quantized predecessor"
+        relation = ">" if use_float else "<="
+        logger.info(
+            "block %d/%d %s: input from %s (drift %.3g %s %.3g); MSE loss before %.4g "
+            "after %.4g (%.1f s)", index + 1, total, block, source, drift, relation,
+            max_input_drift, loss_before, loss_after, seconds)
+        reports.append({
+            "layers": list(block),
+            "input": "float" if use_float else "quantized",
+            "input_drift": drift,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "seconds": seconds,
+        })
+    return reports
+
+
+def _fit_block(teacher, student, layers, x_in, target, epochs, batch_size,
+               learning_rate, weight_decay, seed):
+    steps = epochs * -(-len(x_in) // batch_size)
+    channels = int(target.shape[-1])
+    distiller = Distiller(teacher=teacher, student=student, teacher_outputs_in_data=True)
+    distiller.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay),
+        student_loss_fn=None,
+        distillation_loss_fn=keras.distillation.FeatureDistillation(loss="mse"),
+        alpha=0.0,
+        jit_compile=False,
+    )
+    # BRECQ sums the squared error over channels; MSE averages it, so the
+    # rounding regulariser is divided by the channel count to keep its ratio.
+    schedule = RoundingSchedule(layers, steps, ROUND_REG_LAMBDA / channels)
+    distiller.fit(_dataset(x_in, target, batch_size, seed), epochs=epochs,
+                  callbacks=[schedule], verbose=0)

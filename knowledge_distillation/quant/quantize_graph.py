@@ -1,0 +1,389 @@
+"""The model as a graph: quantizable units, BatchNorm folding, block partition.
+
+A *unit* is the smallest thing the quantizer handles: a Conv2D,
+DepthwiseConv2D or Dense layer, the BatchNormalization that is its only
+consumer (folded into it), and the activation layer that is the only consumer
+of the result. A *block* is a chain of layers distilled together: up to
+`group_size` units in a row where each unit's output has exactly one consumer,
+the next unit; or a user's `distill_group` (start, end), which must be a
+single path. A merge (Add, Concatenate) has several inputs and so is never
+inside a block: residual connections never straddle a block boundary.
+"""
+
+import collections
+import logging
+
+import keras
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+QUANTIZABLE_TYPES = {
+    keras.layers.Conv2D: "conv2d",
+    keras.layers.DepthwiseConv2D: "depthwise",
+    keras.layers.Dense: "dense",
+}
+QUANTIZABLE_TYPE_NAMES = tuple(cls.__name__ for cls in QUANTIZABLE_TYPES)
+ACTIVATION_TYPES = (
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.Activation,
+    keras.layers.ELU,
+    keras.layers.PReLU,
+    keras.layers.Softmax,
+)
+# Layers that only act in training; the quantized (inference) model drops them.
+TRAINING_ONLY_TYPES = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout2D,
+    keras.layers.GaussianDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.AlphaDropout,
+    keras.layers.ActivityRegularization,
+)
+
+
+class GraphNode:
+    """One call of a layer (or Keras operation) in the model graph.
+
+    Attributes:
+        name: the layer name (unique in the graph).
+        layer: the Keras layer or operation.
+        keras_node: the Keras `Node` (its `arguments` rebuild the call).
+        inputs: ids of the input `KerasTensor`s, in call order.
+        outputs: ids of the output `KerasTensor`s.
+        input_shapes: shapes of the inputs.
+        output_shapes: shapes of the outputs.
+    """
+
+    def __init__(self, name, layer, keras_node):
+        self.name = name
+        self.layer = layer
+        self.keras_node = keras_node
+        self.inputs = [id(t) for t in keras_node.input_tensors]
+        self.outputs = [id(t) for t in keras_node.output_tensors]
+        self.input_shapes = [tuple(t.shape) for t in keras_node.input_tensors]
+        self.output_shapes = [tuple(t.shape) for t in keras_node.output_tensors]
+
+    @property
+    def type_name(self):
+        return type(self.layer).__name__
+
+    def __repr__(self):
+        return f"GraphNode({self.name}, {self.type_name})"
+
+
+class Graph:
+    """The topologically ordered layer graph of a functional/sequential model.
+
+    Args:
+        model: a built functional or sequential `keras.Model` with one input
+            and one output.
+
+    Raises:
+        ValueError: for a subclassed model (no graph), an unbuilt model,
+            several inputs or outputs, or a layer called more than once.
+    """
+
+    def __init__(self, model):
+        functional = _functional_of(model)
+        self.model = model
+        self.nodes = []
+        self.by_name = {}
+        self.producer = {}
+        self.consumers = collections.defaultdict(list)
+        if len(functional.inputs) != 1 or len(functional.outputs) != 1:
+            raise ValueError(
+                f"model {model.name!r} has {len(functional.inputs)} inputs and "
+                f"{len(functional.outputs)} outputs; the quantizer takes one "
+                "image input and one logits output")
+        self.input_tensor = functional.inputs[0]
+        self.output_tensor = functional.outputs[0]
+        self.input_id = id(self.input_tensor)
+        self.output_id = id(self.output_tensor)
+        for depth in sorted(functional._nodes_by_depth, reverse=True):
+            for keras_node in functional._nodes_by_depth[depth]:
+                if keras_node.is_input:
+                    continue
+                layer = keras_node.operation
+                if layer.name in self.by_name:
+                    raise ValueError(
+                        f"layer {layer.name!r} is called more than once in model "
+                        f"{model.name!r}; the quantizer needs each layer called once")
+                node = GraphNode(layer.name, layer, keras_node)
+                self.nodes.append(node)
+                self.by_name[node.name] = node
+                for tensor_id in node.outputs:
+                    self.producer[tensor_id] = node.name
+                for tensor_id in node.inputs:
+                    self.consumers[tensor_id].append(node.name)
+        self.index = {node.name: i for i, node in enumerate(self.nodes)}
+
+    def node(self, name, what="layer"):
+        if name not in self.by_name:
+            raise ValueError(
+                f"{what} {name!r} is not a layer of model {self.model.name!r}")
+        return self.by_name[name]
+
+    def out_degree(self, tensor_id):
+        """Consumers of a tensor, counting the model output as one."""
+        return len(self.consumers[tensor_id]) + (tensor_id == self.output_id)
+
+    def sole_consumer(self, node):
+        """The node consuming `node`'s single output alone, or None."""
+        if len(node.outputs) != 1 or self.out_degree(node.outputs[0]) != 1:
+            return None
+        names = self.consumers[node.outputs[0]]
+        return self.by_name[names[0]] if names else None
+
+    def single_path(self, start, end, what):
+        """The layer names from `start` to `end` along a single path.
+
+        Raises:
+            ValueError: naming the layer where the path branches or merges.
+        """
+        node = self.node(start, f"{what} start_layer_name")
+        self.node(end, f"{what} end_layer_name")
+        if len(node.inputs) != 1:
+            raise ValueError(
+                f"{what}: start layer {start!r} has {len(node.inputs)} inputs; a "
+                "block must have exactly one path (one input)")
+        path = [start]
+        while node.name != end:
+            nxt = self.sole_consumer(node)
+            if nxt is None:
+                degree = self.out_degree(node.outputs[0]) if len(node.outputs) == 1 else len(node.outputs)
+                raise ValueError(
+                    f"{what} ({start}, {end}) must have exactly one path, but the "
+                    f"output of {node.name!r} has {degree} consumers (or is the "
+                    "model output before reaching the end layer)")
+            if len(nxt.inputs) != 1:
+                raise ValueError(
+                    f"{what} ({start}, {end}) must have exactly one path, but "
+                    f"{nxt.name!r} merges {len(nxt.inputs)} inputs")
+            node = nxt
+            path.append(node.name)
+        return path
+
+
+def _functional_of(model):
+    if isinstance(model, keras.Sequential):
+        functional = getattr(model, "_functional", None)
+        if functional is None:
+            raise ValueError(
+                f"sequential model {model.name!r} is not built with an input "
+                "shape: add keras.Input(shape) as its first layer or call it on data")
+        return functional
+    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth") \
+            and getattr(model, "inputs", None):
+        return model
+    raise ValueError(
+        f"model {getattr(model, 'name', model)!r} ({type(model).__name__}) has no "
+        "layer graph: the quantizer needs a functional or sequential model. "
+        "Rebuild a subclassed model functionally, e.g. "
+        "keras.Model(inputs, outputs) with keras.Input")
+
+
+class Unit:
+    """A quantizable layer with its folded BatchNorm and its activation."""
+
+    def __init__(self, head, kind, bn=None, act=None):
+        self.head = head
+        self.kind = kind
+        self.bn = bn
+        self.act = act
+
+    @property
+    def names(self):
+        return [n for n in (self.head, self.bn, self.act) if n is not None]
+
+    @property
+    def last(self):
+        return self.names[-1]
+
+    def __repr__(self):
+        return f"Unit({self.names})"
+
+
+def quantizable_kind(layer, input_shapes):
+    """The QuantizedLayer kind of `layer`, or None with the reason."""
+    kind = QUANTIZABLE_TYPES.get(type(layer))
+    if kind is None:
+        return None, "not a Conv2D, DepthwiseConv2D or Dense layer"
+    if getattr(layer, "lora_enabled", False):
+        return None, "LoRA is enabled"
+    if kind != "dense" and getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None, "data_format is not channels_last"
+    if kind != "dense" and len(input_shapes[0]) != 4:
+        return None, "input is not a 4-D image tensor"
+    if getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32":
+        return None, f"dtype policy {layer.dtype_policy.name} is not float32"
+    return kind, None
+
+
+def _is_linear(layer):
+    return keras.activations.serialize(layer.activation) == "linear"
+
+
+def _has_compute_weights(layer):
+    if isinstance(layer, keras.Model):
+        return True
+    return any(hasattr(layer, attr) for attr in
+               ("kernel", "depthwise_kernel", "pointwise_kernel", "embeddings"))
+
+
+def find_units(graph, skip_layers=(), skip_types=()):
+    """Finds the units of `graph`.
+
+    Args:
+        graph: a `Graph`.
+        skip_layers: names of layers to keep in float.
+        skip_types: class names of layer types to keep in float.
+
+    Returns:
+        `(units, skipped, unsupported)`: the `Unit`s in topological order,
+        the names of quantizable layers kept float by the skip lists, and
+        `{name: reason}` of Conv/Dense-like layers that cannot be quantized.
+    """
+    for name in skip_layers:
+        graph.node(name, "quant_skip_layers entry")
+    units, skipped, unsupported = [], [], {}
+    for node in graph.nodes:
+        kind, reason = quantizable_kind(node.layer, node.input_shapes)
+        if kind is None:
+            if node.type_name in QUANTIZABLE_TYPE_NAMES or _has_compute_weights(node.layer):
+                unsupported[node.name] = f"{node.type_name}: {reason}"
+            continue
+        if node.name in skip_layers or node.type_name in skip_types:
+            skipped.append(node.name)
+            continue
+        unit = Unit(node.name, kind)
+        tail = node
+        nxt = graph.sole_consumer(node)
+        if (nxt is not None and type(nxt.layer) is keras.layers.BatchNormalization
+                and _is_linear(node.layer) and _bn_on_last_axis(nxt)):
+            unit.bn = nxt.name
+            tail = nxt
+            nxt = graph.sole_consumer(nxt)
+        if nxt is not None and isinstance(nxt.layer, ACTIVATION_TYPES) and len(nxt.inputs) == 1:
+            unit.act = nxt.name
+        units.append(unit)
+    return units, skipped, unsupported
+
+
+def _bn_on_last_axis(node):
+    axis = node.layer.axis
+    axes = axis if isinstance(axis, (list, tuple)) else [axis]
+    rank = len(node.input_shapes[0])
+    return len(axes) == 1 and axes[0] % rank == rank - 1
+
+
+def fold_batchnorm(layer, bn=None):
+    """The kernel and bias of `layer` with the inference BatchNorm `bn` folded.
+
+    `bn(conv(x, W) + b) = conv(x, W * a) + (b - mean) * a + beta` with
+    `a = gamma / sqrt(var + eps)` per output channel, computed in float64.
+
+    Returns:
+        `(kernel, bias)` float32 arrays; bias is zeros when the layer has none.
+    """
+    kernel = np.asarray(layer.kernel.numpy(), np.float64)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        channels = kernel.shape[2] * kernel.shape[3]
+    else:
+        channels = kernel.shape[-1]
+    bias = np.asarray(layer.bias.numpy(), np.float64) if layer.use_bias else np.zeros(channels)
+    if bn is not None:
+        gamma = bn.gamma.numpy() if bn.scale else np.ones(channels)
+        beta = bn.beta.numpy() if bn.center else np.zeros(channels)
+        mean = bn.moving_mean.numpy()
+        var = bn.moving_variance.numpy()
+        a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + bn.epsilon)
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            kernel = kernel * a.reshape(kernel.shape[2], kernel.shape[3])
+        else:
+            kernel = kernel * a
+        bias = (bias - mean) * a + beta
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
+def partition(graph, units, group_size=1, user_groups=()):
+    """Cuts the model into blocks.
+
+    Args:
+        graph: a `Graph`.
+        units: the `Unit`s of `find_units`.
+        group_size: most units chained into one automatic block.
+        user_groups: `(start_layer_name, end_layer_name)` pairs; each must be
+            a single path holding whole units, and groups must not overlap.
+
+    Returns:
+        A list of blocks in topological order, each the list of layer names
+        from its first to its last layer.
+
+    Raises:
+        ValueError: for a bad group (not one path, cutting a unit, holding no
+            unit, overlapping another).
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    unit_of = {name: unit for unit in units for name in unit.names}
+    head_of = {unit.head: unit for unit in units}
+    owner = {}
+    blocks = []
+    for start, end in user_groups:
+        what = f"distill_group ({start}, {end})"
+        path = graph.single_path(start, end, "distill_group")
+        inside = [unit_of[name] for name in path if name in unit_of]
+        if not inside:
+            raise ValueError(f"{what} holds no quantized Conv2D/DepthwiseConv2D/Dense layer")
+        for unit in inside:
+            missing = [n for n in unit.names if n not in path]
+            if missing:
+                raise ValueError(
+                    f"{what} cuts the unit {unit.names}: the group must hold "
+                    f"all of it (it leaves out {missing})")
+        for name in path:
+            if name in owner:
+                raise ValueError(f"{what} overlaps {owner[name]} at layer {name!r}")
+            owner[name] = what
+        blocks.append(path)
+    for unit in units:
+        if unit.head in owner:
+            continue
+        chain = [unit]
+        while len(chain) < group_size:
+            nxt = graph.sole_consumer(graph.by_name[chain[-1].last])
+            if nxt is None or nxt.name not in head_of or nxt.name in owner:
+                break
+            chain.append(head_of[nxt.name])
+        names = [name for u in chain for name in u.names]
+        for name in names:
+            owner[name] = f"block {names[0]}"
+        blocks.append(names)
+    blocks.sort(key=lambda names: graph.index[names[0]])
+    return blocks
+
+
+def validate_blocks(graph, units, blocks):
+    """Checks blocks read from a distill config against the model.
+
+    Each block must be a single path of existing layers holding whole units,
+    blocks must not overlap, and every unit must be in a block.
+    """
+    groups = []
+    for names in blocks:
+        if not names:
+            raise ValueError("distill_group holds an empty group")
+        path = graph.single_path(names[0], names[-1], "distill_group")
+        if path != list(names):
+            raise ValueError(
+                f"distill_group {list(names)} is not the path from {names[0]!r} "
+                f"to {names[-1]!r} ({path})")
+        groups.append((names[0], names[-1]))
+    result = partition(graph, units, 1, groups)
+    if len(result) != len(blocks):
+        loose = [b[0] for b in result if (b[0], b[-1]) not in groups]
+        raise ValueError(
+            f"distill_group leaves quantized layers out of every group: {loose}")
+    return result

@@ -1,0 +1,157 @@
+"""End-to-end runs of the trainer CLI on small slices of real Fashion-MNIST."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+
+SMALL = ["--train_size=1024", "--test_size=256", "--batch_size=32", "--log_steps=8"]
+
+
+def _run(args, timeout=300, script=None):
+    cmd = [sys.executable] + ([script] if script else ["-m", "knowledge_distillation"]) + args
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, fashion_mnist_path):
+    out = tmp_path_factory.mktemp("run")
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2",
+                           f"--output_dir={out}", "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
+    out, result = finished_run
+    summary = json.loads((out / "summary.json").read_text())
+    for phase in ("teacher", "scratch", "distilled"):
+        assert 0.0 <= summary[phase]["accuracy"] <= 1.0
+        assert np.isfinite(summary[phase]["loss"])
+        assert (out / f"{phase}.keras").is_file()
+        epochs = sorted(os.listdir(out / "checkpoints" / phase))
+        assert epochs == ["epoch_001.weights.h5", "epoch_002.weights.h5"]
+        rows = list(csv.DictReader(open(out / "logs" / f"{phase}.csv")))
+        assert [int(r["epoch"]) for r in rows] == [0, 1]
+        assert os.listdir(out / "logs" / "tensorboard" / phase / "train")
+    assert summary["data"] == {"name": "fashion-mnist", "train_examples": 1024,
+                               "test_examples": 256, "input_shape": [28, 28, 1],
+                               "num_classes": 10}
+    assert summary["examples_per_sec"] > 0
+    assert summary["distilled"]["parameters"] == summary["scratch"]["parameters"]
+    assert summary["teacher"]["parameters"] > 10 * summary["scratch"]["parameters"]
+    # Even two short epochs on 1024 images teach something.
+    assert summary["teacher"]["accuracy"] > 0.5
+    assert "distilled student  test accuracy" in result.stdout
+    assert (out / "train.log").read_text().count("test accuracy") == 3
+
+
+def test_distilled_student_saves_alone_and_reloads_with_its_accuracy(finished_run, small_data):
+    out, _ = finished_run
+    summary = json.loads((out / "summary.json").read_text())
+    student = keras.saving.load_model(out / "distilled.keras", safe_mode=True)
+    assert student.count_params() == summary["distilled"]["parameters"]
+    from knowledge_distillation.data import preprocess
+    logits = student.predict(preprocess(small_data.x_test), verbose=0)
+    accuracy = float(np.mean(np.argmax(logits, -1) == small_data.y_test))
+    assert accuracy == pytest.approx(summary["distilled"]["accuracy"], abs=1e-6)
+
+
+def test_rerun_of_a_finished_output_dir_reloads_every_phase(finished_run, fashion_mnist_path):
+    out, _ = finished_run
+    before = json.loads((out / "summary.json").read_text())
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2",
+                           f"--output_dir={out}", "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("finished in an earlier run") == 3
+    after = json.loads((out / "summary.json").read_text())
+    for phase in ("teacher", "scratch", "distilled"):
+        assert after[phase]["accuracy"] == pytest.approx(before[phase]["accuracy"], abs=1e-6)
+
+
+def test_killed_run_resumes_from_last_finished_epoch(tmp_path, fashion_mnist_path):
+    out = tmp_path / "run"
+    args = ["--train_size=2048", "--test_size=256", f"--data_path={fashion_mnist_path}",
+            "--epoch=1", "--teacher_epoch=6", f"--output_dir={out}",
+            "--precision_mode=must_keep_origin_dtype"]
+    proc = subprocess.Popen([sys.executable, "-m", "knowledge_distillation"] + args,
+                            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "checkpoints" / "teacher" / "epoch_001.weights.h5"
+    deadline = time.time() + 240
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert first.exists(), "the teacher never finished its first epoch"
+    assert not (out / "teacher.keras").exists(), "killed too late to test resuming"
+    killed_rows = list(csv.DictReader(open(out / "logs" / "teacher.csv")))
+
+    result = _run(args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    epochs = [int(r["epoch"]) for r in csv.DictReader(open(out / "logs" / "teacher.csv"))]
+    # Resumed: the epochs logged before the kill are not trained again.
+    assert epochs == list(range(6)), epochs
+    assert len(killed_rows) >= 1
+    assert json.loads((out / "summary.json").read_text())["teacher"]["trained"] is True
+
+
+def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mnist_path, tmp_path):
+    out, _ = finished_run
+    teacher_path = out / "teacher.keras"
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=1",
+                           f"--teacher_model={teacher_path}", f"--output_dir={tmp_path}",
+                           "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    original = json.loads((out / "summary.json").read_text())
+    assert summary["teacher"]["trained"] is False
+    assert not (tmp_path / "teacher.keras").exists()
+    assert summary["teacher"]["accuracy"] == pytest.approx(original["teacher"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--data_path=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+        (["--alpha=1.5"], "--alpha must be between 0.0 and 1.0, got 1.5"),
+        (["--precision_mode=fp8"], "precision_mode"),
+        (["--teacher_model=/nonexistent/t.keras"], "--teacher_model: /nonexistent/t.keras does not exist"),
+        (["--teacher=resnet"], "unknown model 'resnet'"),
+    ],
+)
+def test_bad_input_is_one_clear_error_line_and_nonzero_exit(args, expected, tmp_path):
+    result = _run(SMALL + ["--epoch=1", f"--output_dir={tmp_path}"] + args, timeout=120)
+    assert result.returncode != 0
+    error_lines = [l for l in result.stderr.splitlines() if "error:" in l]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    assert expected in error_lines[0]
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_modelzoo_shim_and_eval_static_alias_parse():
+    result = _run(["--help"], script="knowledge_distillation.py", timeout=60)
+    assert result.returncode == 0
+    for flag in ("--data_path", "--epoch", "--static", "--log_steps", "--precision_mode",
+                 "--over_dump", "--data_dump_flag", "--profiling", "--use_mixlist",
+                 "--fusion_off_flag", "--alpha", "--temperature"):
+        assert flag.lstrip("-") in result.stdout
+    from absl import flags
+    from knowledge_distillation import cli
+
+    fv = flags.FlagValues()
+    cli.define_flags(fv)
+    fv(["prog", "--eval_static=True", "--epoch=3"])
+    config = cli.train_config(fv)
+    assert config.device.static is True and config.epoch == 3
+    assert config.batch_size == 32 and config.log_steps == 100
+    assert config.device.precision_mode == "allow_mix_precision"
+    assert config.device.data_dump_step == "10"
