@@ -17,6 +17,7 @@ from knowledge_distillation.config import (
     DEFAULT_DATA_PATH,
     PRECISION_MODES,
     DeviceConfig,
+    DistributeConfig,
     TrainConfig,
 )
 
@@ -47,6 +48,19 @@ def define_device_flags(fv):
     flags.DEFINE_string("fusion_off_file", "fusion_switch.cfg", "Ascend fusion_switch.cfg.", flag_values=fv)
 
 
+def define_distribute_flags(fv):
+    """Defines the `--distributed` flags on the FlagValues `fv` (see distribute.py)."""
+    flags.DEFINE_boolean(
+        "distributed", False,
+        "Train on every local GPU (or --num_cpu_devices CPU devices), across "
+        "hosts (TF_CONFIG or --worker_hosts), or across NPU ranks (RANK_SIZE).",
+        flag_values=fv)
+    flags.DEFINE_integer("num_cpu_devices", None, "CPU-only host: logical CPU devices to train on.", flag_values=fv)
+    flags.DEFINE_list("worker_hosts", None, "host:port of every worker, chief first (multi-host).", flag_values=fv)
+    flags.DEFINE_integer("task_index", None, "This host's index in --worker_hosts.", flag_values=fv)
+    flags.DEFINE_string("dist_url", None, "AMCT's tcp://host:port: the chief's address.", flag_values=fv)
+
+
 def define_flags(fv):
     """Defines every trainer flag on the FlagValues `fv`."""
     flags.DEFINE_string(
@@ -75,6 +89,7 @@ def define_flags(fv):
         "Compute teacher logits once instead of on every step.", flag_values=fv)
     flags.DEFINE_boolean("quantize", False, "Quantize the distilled student at the end.", flag_values=fv)
     define_device_flags(fv)
+    define_distribute_flags(fv)
 
 
 def device_config(fv):
@@ -83,10 +98,18 @@ def device_config(fv):
     return DeviceConfig(**{name: fv[name].value for name in names})
 
 
+def distribute_config(fv):
+    """The DistributeConfig of parsed flags."""
+    names = [f.name for f in dataclasses.fields(DistributeConfig)]
+    return DistributeConfig(**{name: fv[name].value for name in names})
+
+
 def train_config(fv):
     """The TrainConfig of parsed flags."""
-    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "device"]
-    return TrainConfig(**{name: fv[name].value for name in names}, device=device_config(fv))
+    nested = ("device", "distribute")
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in nested]
+    return TrainConfig(**{name: fv[name].value for name in names}, device=device_config(fv),
+                       distribute=distribute_config(fv))
 
 
 def setup_logging(output_dir, filename):
@@ -132,9 +155,16 @@ def main(argv=None):
         return 2
     # TensorFlow's C++ INFO/WARNING chatter drowns the run's own log.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    setup_logging(config.output_dir, "train.log")
     # Imported late: TensorFlow start-up should not delay --help or flag errors.
-    from knowledge_distillation import train
+    from knowledge_distillation import distribute, train
+
+    try:
+        # Only the chief logs into --output_dir (other workers: a folder of their own).
+        log_dir = distribute.write_dir(config.distribute, config.output_dir)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(log_dir, "train.log")
 
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     try:

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from knowledge_distillation import data as data_lib
+from knowledge_distillation import distribute
 from knowledge_distillation import models
 from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
 from knowledge_distillation.device import setup_device
@@ -140,15 +141,16 @@ class Trainer:
             ds = ds.map(lambda x, y, t: ((x, t), y))
         if cfg.max_steps is not None:
             ds = ds.take(cfg.max_steps)
-        return ds
+        return self.dist.shard(ds, training=True)
 
     def _test_ds(self):
-        return data_lib.make_dataset(
+        ds = data_lib.make_dataset(
             self.data.x_test,
             self.data.y_test,
             self.config.batch_size,
             drop_remainder=self.config.device.static,
         )
+        return self.dist.shard(ds, training=False)
 
     def _count_steps(self):
         n = len(self.data.x_train)
@@ -200,10 +202,11 @@ class Trainer:
             self.steps_per_epoch,
         )
         start = time.perf_counter()
+        self.dist.prepare_fit(model)
         history = model.fit(
             train_ds,
             epochs=epochs,
-            callbacks=phase.callbacks(target, self.session),
+            callbacks=phase.callbacks(target, self.session) + self.dist.callbacks(model, target),
             verbose=_verbose(),
         )
         seconds = time.perf_counter() - start
@@ -293,11 +296,24 @@ class Trainer:
     def teacher_logits(self, teacher):
         """Teacher logits of the whole training split, batched, inference mode."""
         ds = data_lib.make_dataset(self.data.x_train, self.data.y_train, 512)
-        logits = teacher.predict(ds.map(lambda x, y: x), verbose=0)
+        logits = teacher.predict(self.dist.shard(ds.map(lambda x, y: x), training=False), verbose=0)
         return np.asarray(logits, dtype=np.float32)
 
     # -- the run ---------------------------------------------------------
     def run(self):
+        """Runs the three phases under `--distributed`'s engine (see distribute.py)."""
+        cfg = self.config
+        # First: logical devices and multi-worker collectives need TensorFlow unstarted.
+        self.dist = distribute.setup(
+            cfg.distribute, batch_size=cfg.batch_size, full_batches=cfg.device.static
+        )
+        self.config = dataclasses.replace(cfg, output_dir=self.dist.write_dir(cfg.output_dir))
+        with self.dist.scope():
+            summary = self._run()
+        self.dist.finish()
+        return summary
+
+    def _run(self):
         cfg = self.config
         wall_start = time.perf_counter()
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -344,6 +360,7 @@ class Trainer:
                 "num_classes": self.data.num_classes,
             },
             "dtype_policy": keras.mixed_precision.global_policy().name,
+            "distribute": self.dist.describe(),
             "config": dataclasses.asdict(cfg),
         }
         if cfg.quantize:
