@@ -38,7 +38,7 @@ def define_device_flags(fv):
     flags.DEFINE_boolean("over_dump", False, "Overflow (inf/nan) detection and dump.", flag_values=fv)
     flags.DEFINE_string("over_dump_path", None, "Where overflow dumps go (default: OUTPUT_DIR/over_dump).", flag_values=fv)
     flags.DEFINE_boolean("data_dump_flag", False, "Dump tensors at --data_dump_step.", flag_values=fv)
-    flags.DEFINE_string("data_dump_step", "10", "Step(s) to dump, e.g. 10 or 10|20.", flag_values=fv)
+    flags.DEFINE_string("data_dump_step", "10", "Step(s) to dump: 10, 10|20, or ranges such as 0|5|10-20.", flag_values=fv)
     flags.DEFINE_string("data_dump_path", None, "Where data dumps go (default: OUTPUT_DIR/data_dump).", flag_values=fv)
     flags.DEFINE_boolean("profiling", False, "Profile a window of training steps.", flag_values=fv)
     flags.DEFINE_string("profiling_dump_path", None, "Where profiles go (default: OUTPUT_DIR/profiling).", flag_values=fv)
@@ -169,7 +169,7 @@ def main(argv=None):
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     try:
         summary = train.run(config)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         logger.error("%s", e)
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

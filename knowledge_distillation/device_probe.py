@@ -92,6 +92,8 @@ class StepTensors:
         gradients: `[(layer, weight, array)]` of the unscaled gradients.
         scaled_gradients_finite: per gradient, whether the scaled gradient
             (what a loss-scale optimizer checks) is finite.
+        non_finite_after_update: `[(layer, weight)]` whose value after the
+            real step's update is not finite.
         dtypes: `{id(array): dtype name}` of tensors computed in a dtype numpy
             lacks (bfloat16 is stored as float32).
     """
@@ -102,6 +104,7 @@ class StepTensors:
     loss_scale: float
     gradients: list
     scaled_gradients_finite: list
+    non_finite_after_update: list
     dtypes: dict
 
 
@@ -128,13 +131,15 @@ class StepProbe:
         self.check_finite = check_finite
         self.capture = capture or check_finite
         self.model = None
+        self._installed = False
         self.traces = 0
         self.trace_shapes = []
-        self.trace_listeners = []
+        self.trace_listeners = []  # called as listener(probe, input_shapes) per trace
         self._original = None
         self._structure = None
         self._batch_vars = None
         self._backup = None
+        self._scale_var = None
         self._flag = None
         self._flag_value = None
         self._status = None
@@ -144,14 +149,14 @@ class StepProbe:
 
     def install(self, model):
         """Wraps `model.train_step`; idempotent for the same model."""
-        if self.model is model:
-            return
-        if self.model is not None:
+        if self.model is not None and self.model is not model:
             raise ValueError("a StepProbe serves one model; build one per fit")
+        if self._installed:
+            return
         original = model.train_step
         while hasattr(original, "_probe_original"):  # a probe left by a failed fit
             original = original._probe_original
-        self.model, self._original = model, original
+        self.model, self._original, self._installed = model, original, True
 
         def train_step(data):
             return self._train_step(data)
@@ -159,7 +164,7 @@ class StepProbe:
         train_step._probe_original = original
         model.train_step = train_step
         model.train_function = None  # rebuilt by fit around the probe
-        if self.capture:
+        if self.capture and self._flag is None:
             self._flag = tf.Variable(self.check_finite, trainable=False, name="capture")
             self._flag_value = self.check_finite
             self._status = tf.Variable([1.0, 0.0, 0.0], trainable=False, name="status")
@@ -167,9 +172,23 @@ class StepProbe:
     def uninstall(self):
         """Gives the model its own train step back (next fit retraces)."""
         model = self.model
-        if model is not None and "train_step" in model.__dict__:
+        if self._installed and "train_step" in model.__dict__:
             del model.train_step
             model.train_function = None
+        self._installed = False
+
+    def before_fit(self):
+        """Builds what the probe reads in the step: optimizer, feature extractor.
+
+        Keras builds the optimizer during the first trace, after the probe has
+        read the loss scale; building it first is what Keras does under a
+        distribution strategy. A model without a layer graph fails here,
+        before training.
+        """
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        self.check_inspectable()
 
     def check_inspectable(self):
         """Builds the feature extractor now, so a bad model fails before training."""
@@ -180,13 +199,15 @@ class StepProbe:
     # -- inside the compiled step ------------------------------------------
 
     def _train_step(self, data):
-        if not tf.executing_eagerly():
-            self.traces += 1
-            self.trace_shapes.append(
-                [tuple(t.shape) for t in tf.nest.flatten(data) if t is not None]
-            )
+        if not tf.executing_eagerly() and _first_replica():
+            shapes = [tuple(t.shape) for t in tf.nest.flatten(data) if t is not None]
+            # tf.function throws away a first trace that creates variables (the
+            # capture slots below) and traces again: count only the kept one.
+            if not (self.capture and self._batch_vars is None):
+                self.traces += 1
+                self.trace_shapes.append(shapes)
             for listener in self.trace_listeners:
-                listener(self, data)
+                listener(self, shapes)
         if not self.capture:
             return self._original(data)
         scale_before = self._capture(data)
@@ -270,11 +291,10 @@ class StepProbe:
         )
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         scale = float(self._scale_var.numpy()) or None
-        state = list(target.variables) + list(model.metrics_variables)
-        after = [tf.identity(v.value) for v in state]
-        for v, backup in zip(target.variables, self._backup):
-            v.assign(backup.value())
-        try:
+        weights = model.trainable_weights
+        connected = []
+
+        def replay():
             with tf.GradientTape() as tape:
                 outs = extractor(_inputs_of(model, x), training=True)
                 y_pred = outs[0] if n_outputs == 1 else outs[:n_outputs]
@@ -282,12 +302,31 @@ class StepProbe:
                     x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
                 )
                 scaled = loss * scale if scale else loss
-            weights = model.trainable_weights
             grads = tape.gradient(scaled, weights)
+            connected[:] = [g is not None for g in grads]
+            return outs[n_outputs:], loss, [g for g in grads if g is not None]
+
+        # Put the pre-step weights back, replay (in a replica context, which a
+        # one-replica strategy's variables need), restore the post-step state.
+        state = list(target.variables) + list(model.metrics_variables)
+        after = [tf.identity(v.value) for v in state]
+        for v, backup in zip(target.variables, self._backup):
+            v.assign(backup.value())
+        try:
+            strategy = model.distribute_strategy
+            outs, loss, grads = tf.nest.map_structure(
+                lambda t: strategy.experimental_local_results(t)[0], strategy.run(replay)
+            )
         finally:
             for v, value in zip(state, after):
                 v.assign(value)
+
         owners = _weight_owners(target)
+        named = [
+            (owners.get(id(w), target.name), _weight_name(w, owners.get(id(w), target.name)))
+            for w in weights
+        ]
+        after_by_id = {id(v): value for v, value in zip(state, after)}
         dtypes = {}
         images = keras.tree.flatten(_inputs_of(model, x))
         return StepTensors(
@@ -296,25 +335,32 @@ class StepProbe:
                 for i, t in enumerate(images)
             ],
             outputs=[
-                (layer, name, _to_numpy(t, dtypes))
-                for (layer, name), t in zip(names, outs[n_outputs:])
+                (layer, name, _to_numpy(t, dtypes)) for (layer, name), t in zip(names, outs)
             ],
             loss=_to_numpy(loss, dtypes),
             loss_scale=scale,
             gradients=[
-                (
-                    owners.get(id(w), target.name),
-                    _weight_name(w, owners.get(id(w), target.name)),
-                    _to_numpy(g / scale if scale else g, dtypes),
+                (layer, name, _to_numpy(g / scale if scale else g, dtypes))
+                for (layer, name), g in zip(
+                    [n for n, c in zip(named, connected) if c], grads
                 )
-                for w, g in zip(weights, grads)
-                if g is not None
             ],
-            scaled_gradients_finite=[
-                bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads if g is not None
+            scaled_gradients_finite=[bool(tf.reduce_all(tf.math.is_finite(g))) for g in grads],
+            non_finite_after_update=[
+                name
+                for name, w in zip(named, weights)
+                if not bool(tf.reduce_all(tf.math.is_finite(after_by_id.get(id(w), 0.0))))
             ],
             dtypes=dtypes,
         )
+
+
+def _first_replica():
+    # Under a tf.distribute strategy the step is traced once per replica.
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return True
+    return tf.get_static_value(context.replica_id_in_sync_group) in (0, None)
 
 
 def _weight_owners(target):

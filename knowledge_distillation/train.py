@@ -81,13 +81,13 @@ def _verbose():
     return 1 if sys.stdout.isatty() else 2
 
 
-def _optimizer(config, steps_per_epoch, epochs):
+def _optimizer(config, steps_per_epoch, epochs, session):
     # Cosine decay to zero over the phase: the same schedule for every model,
     # so the scratch and distilled students are compared on equal terms.
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate, decay_steps=max(1, steps_per_epoch * epochs)
     )
-    return keras.optimizers.Adam(schedule)
+    return session.wrap_optimizer(keras.optimizers.Adam(schedule))
 
 
 def _classifier_compile(model, optimizer, session):
@@ -141,7 +141,7 @@ class Trainer:
             ds = ds.map(lambda x, y, t: ((x, t), y))
         if cfg.max_steps is not None:
             ds = ds.take(cfg.max_steps)
-        return self.dist.shard(ds, training=True)
+        return self.dist.shard(ds, training=True, num_examples=len(self.data.x_train))
 
     def _test_ds(self):
         ds = data_lib.make_dataset(
@@ -242,7 +242,7 @@ class Trainer:
                 "or a positive --teacher_epoch"
             )
         _classifier_compile(
-            model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs), self.session
+            model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session), self.session
         )
         stats = self._fit(phase, model, model, self._train_ds(), cfg.teacher_epochs)
         return model, {"trained": True, **stats}
@@ -254,7 +254,7 @@ class Trainer:
         if model is not None:
             return model, {"resumed": True}
         model = self._fresh_student()
-        _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch), self.session)
+        _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session), self.session)
         stats = self._fit(phase, model, model, self._train_ds(), cfg.epoch)
         return model, stats
 
@@ -282,7 +282,7 @@ class Trainer:
             teacher=teacher, student=student, teacher_outputs_in_data=cfg.cache_teacher
         )
         distiller.compile(
-            optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch),
+            optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             alpha=cfg.alpha,
             temperature=cfg.temperature,
