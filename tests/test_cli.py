@@ -48,7 +48,6 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
                                "num_classes": 10}
     assert summary["examples_per_sec"] > 0
     assert summary["distilled"]["parameters"] == summary["scratch"]["parameters"]
-    assert summary["teacher"]["parameters"] > 10 * summary["scratch"]["parameters"]
     # Even two short epochs on 1024 images teach something.
     assert summary["teacher"]["accuracy"] > 0.5
     assert "distilled student  test accuracy" in result.stdout
