@@ -78,7 +78,7 @@ def define_flags(fv):
     flags.DEFINE_integer("seed", 42, "Seed of initial weights and shuffling.", flag_values=fv)
     flags.DEFINE_string("output_dir", "output", "Models, checkpoints, logs and summary.json.", flag_values=fv)
     flags.DEFINE_string("teacher", "cnn", "Zoo teacher: cnn, seed_teacher or mlp_teacher.", flag_values=fv)
-    flags.DEFINE_string("student", "seed_student", "Zoo student: seed_student or mlp_student.", flag_values=fv)
+    flags.DEFINE_string("student", "mlp_student", "Zoo student: mlp_student (Hinton 2x800) or seed_student.", flag_values=fv)
     flags.DEFINE_string("teacher_model", None, "A trained .keras teacher (evaluated, not retrained).", flag_values=fv)
     flags.DEFINE_string("student_model", None, "A .keras student architecture (re-initialised).", flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "Bound on the steps of every epoch.", flag_values=fv)
@@ -153,8 +153,6 @@ def main(argv=None):
     except ValueError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    # TensorFlow's C++ INFO/WARNING chatter drowns the run's own log.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Imported late: TensorFlow start-up should not delay --help or flag errors.
     from knowledge_distillation import distribute, train
 

@@ -48,6 +48,65 @@ class DeviceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributeConfig:
+    """The `--distributed` flags (see `distribute.py` for what runs).
+
+    Args:
+        distributed: train on every local device, or across hosts / NPU ranks.
+        num_cpu_devices: on a CPU-only host, the number of logical CPU devices
+            (MirroredStrategy replicas). Defaults to one.
+        worker_hosts: `host:port` of every worker, the chief first, the same
+            list on every host. TF_CONFIG may describe the cluster instead.
+        task_index: this host's index in `worker_hosts`.
+        dist_url: AMCT's `tcp://host:port`: the chief's address, checked
+            against the cluster.
+    """
+
+    distributed: bool = False
+    num_cpu_devices: Optional[int] = None
+    worker_hosts: Optional[tuple] = None
+    task_index: Optional[int] = None
+    dist_url: Optional[str] = None
+
+    def __post_init__(self):
+        if self.worker_hosts is not None:
+            object.__setattr__(self, "worker_hosts", tuple(self.worker_hosts) or None)
+        if not self.distributed:
+            for name in ("num_cpu_devices", "worker_hosts", "task_index", "dist_url"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"--{name} needs --distributed")
+            return
+        if self.num_cpu_devices is not None:
+            _check_positive("num_cpu_devices", self.num_cpu_devices)
+        if (self.worker_hosts is None) != (self.task_index is None):
+            raise ValueError(
+                "--worker_hosts and --task_index go together: the list of every "
+                "worker (chief first) and this host's index in it"
+            )
+        if self.worker_hosts is not None:
+            for host in self.worker_hosts:
+                _check_host_port("--worker_hosts", host)
+            if not 0 <= self.task_index < len(self.worker_hosts):
+                raise ValueError(
+                    f"--task_index must be in 0..{len(self.worker_hosts) - 1} for "
+                    f"{len(self.worker_hosts)} --worker_hosts, got {self.task_index}"
+                )
+        if self.dist_url is not None:
+            scheme, _, address = self.dist_url.partition("://")
+            if scheme != "tcp":
+                raise ValueError(
+                    f"--dist_url must be tcp://HOST:PORT, got {self.dist_url!r}"
+                )
+            _check_host_port("--dist_url", address)
+
+
+def _check_host_port(flag, text):
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{flag}: expected HOST:PORT, got {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything one knowledge-distillation run needs.
 
@@ -76,6 +135,7 @@ class TrainConfig:
         cache_teacher: compute teacher logits once instead of every step.
         quantize: quantize the distilled student at the end of the run.
         device: the ModelZoo device flags.
+        distribute: the `--distributed` flags.
     """
 
     data_path: str = DEFAULT_DATA_PATH
@@ -90,7 +150,7 @@ class TrainConfig:
     seed: int = 42
     output_dir: str = "output"
     teacher: str = "cnn"
-    student: str = "seed_student"
+    student: str = "mlp_student"
     teacher_model: Optional[str] = None
     student_model: Optional[str] = None
     max_steps: Optional[int] = None
@@ -99,6 +159,7 @@ class TrainConfig:
     cache_teacher: bool = True
     quantize: bool = False
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
+    distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
     def __post_init__(self):
         _check_positive("epoch", self.epoch)

@@ -11,12 +11,13 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from knowledge_distillation.losses import as_distillation_loss
+from knowledge_distillation.losses import as_distillation_loss, replica_mean
 
 
 def _scale_for_replicas(value):
     # Each replica averages over its own slice of the global batch; the
     # gradient all-reduce sums replicas, so divide to get the global mean.
+    # Every term reaching here is a plain mean (see losses.replica_mean).
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
     if replicas > 1:
         value = value * (1.0 / replicas)
@@ -191,7 +192,7 @@ class Distiller(keras.Model):
                 raise ValueError(
                     f"alpha={self.alpha} needs labels: the data has no y"
                 )
-            student_loss = ops.mean(self.student_loss_fn(y, y_pred32))
+            student_loss = replica_mean(self.student_loss_fn, y, y_pred32)
 
         distillation_loss = ops.convert_to_tensor(0.0)
         if self.alpha < 1.0:

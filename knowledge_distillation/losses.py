@@ -7,7 +7,10 @@ the logits, and always carries the explicit T^2 factor.
 """
 
 import keras
+import tensorflow as tf
 from keras import ops
+
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def soft_kl_divergence(teacher_logits, student_logits, temperature):
@@ -90,8 +93,34 @@ class KerasLossDistillation(keras.distillation.DistillationLoss):
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
         t = ops.cast(teacher_outputs, "float32") / self.temperature
         s = ops.cast(student_outputs, "float32") / self.temperature
-        value = self.loss(ops.softmax(t, axis=-1), ops.softmax(s, axis=-1))
-        return ops.mean(value) * (self.temperature**2)
+        value = replica_mean(self.loss, ops.softmax(t, axis=-1), ops.softmax(s, axis=-1))
+        return value * (self.temperature**2)
+
+
+def replica_mean(loss_fn, y_true, y_pred):
+    """Mean of `loss_fn` over this replica's batch, never pre-divided by the replica count.
+
+    Under tf.distribute a `keras.losses.Loss` with a mean reduction returns
+    its mean divided by `num_replicas_in_sync` (Keras' convention, so that
+    compiled losses sum to the global mean); plain functions and the
+    `keras.distillation` losses return the plain mean. This undoes the
+    division, as Keras' own trainer does for its loss trackers, so every term
+    of the Distiller's loss is a plain mean and is scaled once.
+
+    Args:
+        loss_fn: a Keras loss object or a callable returning per-example values.
+        y_true: targets.
+        y_pred: predictions.
+
+    Returns:
+        Scalar tensor.
+    """
+    value = ops.mean(loss_fn(y_true, y_pred))
+    if isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction in _MEAN_REDUCTIONS:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * float(replicas)
+    return value
 
 
 def as_distillation_loss(distillation_loss_fn, temperature):

@@ -23,6 +23,7 @@ import numpy as np
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
 from knowledge_distillation import models
+from knowledge_distillation import teacher_cache
 from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
 from knowledge_distillation.device import setup_device
 from knowledge_distillation.distiller import Distiller
@@ -68,7 +69,11 @@ class _Phase:
     def callbacks(self, target, session):
         os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
         return [
-            keras.callbacks.BackupAndRestore(self.backup_dir, delete_checkpoint=True),
+            # double_checkpoint: a worker failing mid-save (collectives abort the
+            # save) leaves the previous epoch's backup to restore from.
+            keras.callbacks.BackupAndRestore(
+                self.backup_dir, delete_checkpoint=True, double_checkpoint=True
+            ),
             EpochCheckpoint(target, self.checkpoint_dir),
             keras.callbacks.CSVLogger(self.csv_path, append=True),
             keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),
@@ -126,7 +131,12 @@ class Trainer:
         self.steps_per_epoch = None
 
     # -- data ------------------------------------------------------------
-    def _train_ds(self, extra=None):
+    # The training pipeline's random augmentation, if any (None: data.make_dataset
+    # only shuffles). Whoever adds augmentation names it here: the teacher cache
+    # is then bypassed and the teacher runs on every step.
+    train_augmentation = None
+
+    def _train_ds(self, extra=None, lookup=None):
         cfg = self.config
         ds = data_lib.make_dataset(
             self.data.x_train,
@@ -138,7 +148,7 @@ class Trainer:
             extra=extra,
         )
         if extra is not None:
-            ds = ds.map(lambda x, y, t: ((x, t), y))
+            ds = ds.map(lookup or (lambda x, y, t: ((x, t), y)))
         if cfg.max_steps is not None:
             ds = ds.take(cfg.max_steps)
         return self.dist.shard(ds, training=True, num_examples=len(self.data.x_train))
@@ -265,21 +275,24 @@ class Trainer:
         if model is not None:
             return model, {"resumed": True}
         student = self._fresh_student()
-        if cfg.cache_teacher:
-            logger.info(
-                "distilled: computing teacher logits once for %d training images "
-                "(inference mode); the student trains from them",
-                len(self.data.x_train),
+        cached, why = teacher_cache.cache_decision(self.train_augmentation)
+        if cached and cfg.cache_teacher:
+            logger.info("distilled: %s: teacher logits are computed once and cached", why)
+            outputs = teacher_cache.teacher_outputs(
+                teacher,
+                self.data.x_train,
+                lambda x: self.teacher_logits(teacher, x),
+                cache_dir=os.path.join(cfg.output_dir, "teacher_cache"),
+                preprocess=data_lib.preprocess,
             )
-            start = time.perf_counter()
-            logits = self.teacher_logits(teacher)
-            logger.info("distilled: teacher logits in %.1f s", time.perf_counter() - start)
-            train_ds = self._train_ds(extra=logits)
+            train_ds = self._train_ds(extra=outputs.column(), lookup=outputs.lookup)
         else:
-            logger.info("distilled: the teacher runs on every training step (--nocache_teacher)")
+            cached = False
+            logger.info("distilled: the teacher runs on every training step (%s)",
+                        why if cfg.cache_teacher else "--nocache_teacher")
             train_ds = self._train_ds()
         distiller = Distiller(
-            teacher=teacher, student=student, teacher_outputs_in_data=cfg.cache_teacher
+            teacher=teacher, student=student, teacher_outputs_in_data=cached
         )
         distiller.compile(
             optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
@@ -293,9 +306,10 @@ class Trainer:
         stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
         return student, stats
 
-    def teacher_logits(self, teacher):
-        """Teacher logits of the whole training split, batched, inference mode."""
-        ds = data_lib.make_dataset(self.data.x_train, self.data.y_train, 512)
+    def teacher_logits(self, teacher, x=None):
+        """Teacher logits of `x` (default: the training split), batched, inference mode."""
+        x = self.data.x_train if x is None else x
+        ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512)
         logits = teacher.predict(self.dist.shard(ds.map(lambda x, y: x), training=False), verbose=0)
         return np.asarray(logits, dtype=np.float32)
 
