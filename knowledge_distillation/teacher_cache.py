@@ -1,0 +1,373 @@
+"""Teacher-output cache: the teacher's logits computed once, reused every step.
+
+The teacher's forward pass dominates distillation (the default teacher costs
+far more per example than the student), yet with a deterministic input
+pipeline its outputs for one image never change. `teacher_outputs` computes
+them once, batched, in inference mode, and keeps them:
+
+- in memory when they fit under `memory_budget_bytes`;
+- otherwise in a memory-mapped `.npy` file under `cache_dir`, written chunk by
+  chunk so the whole array is never held in memory.
+
+Either way, with a `cache_dir` the array is stored as `teacher_logits.npy`
+beside `teacher_logits.key.json`, and a later run (a resumed one, say) reuses
+it when the key matches. The key covers everything that changes the outputs:
+
+- the teacher's weights (every variable, moving statistics included) and its
+  architecture config;
+- the images: shape, dtype and a hash of *all* their bytes. A sampled digest
+  would be cheaper but can miss an edited image; hashing reads each byte once
+  while the teacher spends thousands of FLOPs on it, so the full hash costs a
+  few percent of one teacher pass at most (`bench/distill_speed.py` prints
+  both times);
+- the preprocessing: its version string and a hash of the preprocessing
+  function's source, so editing `data.preprocess` invalidates the cache
+  without anyone remembering to bump a number;
+- the dtype policies (global and per layer): bfloat16 and float32 teachers
+  give different logits.
+
+A mismatch is logged with what changed, and the logits are recomputed.
+
+Random augmentation makes the teacher's input differ at every step, so no
+cache can hold its outputs: `cache_decision` says so, and the trainer then
+runs the teacher per step and logs why.
+
+Example:
+
+```python
+outputs = teacher_outputs(teacher, x_train, predict=my_batched_predict,
+                          cache_dir="output/teacher_cache")
+train = make_dataset(x_train, y_train, 32, extra=outputs.column())
+train = train.map(outputs.lookup)  # -> ((x, teacher_logits), y)
+```
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+# Bump when the meaning of the stored array changes (layout, dtype).
+CACHE_FORMAT = 1
+PREPROCESSING_VERSION = "1"
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
+DEFAULT_CHUNK_EXAMPLES = 8192
+ARRAY_FILE = "teacher_logits.npy"
+KEY_FILE = "teacher_logits.key.json"
+_HASH_BLOCK = 1 << 24
+
+
+def _digest():
+    return hashlib.blake2b(digest_size=16)
+
+
+def hash_array(array):
+    """Hex digest of an array's dtype, shape and every byte of its data.
+
+    Reads memory-mapped arrays block by block, without loading them whole.
+    """
+    h = _digest()
+    array = np.asarray(array)
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
+    step = max(1, _HASH_BLOCK // max(1, flat.itemsize))
+    for start in range(0, flat.size, step):
+        h.update(memoryview(np.ascontiguousarray(flat[start:start + step])).cast("B"))
+    return h.hexdigest()
+
+
+def hash_weights(model):
+    """Hex digest of every variable of `model` (trainable or not), in order."""
+    h = _digest()
+    for variable in model.weights:
+        h.update(variable.path.encode())
+        h.update(hash_array(keras.ops.convert_to_numpy(variable)).encode())
+    return h.hexdigest()
+
+
+def hash_architecture(model):
+    """Hex digest of the model's serialised config (layers, shapes, dtypes)."""
+    config = keras.saving.serialize_keras_object(model)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def dtype_policies(model):
+    """The global policy and each layer's dtype policy, as a sorted string."""
+    layers = sorted(
+        f"{layer.name}={getattr(layer.dtype_policy, 'name', layer.dtype_policy)}"
+        for layer in model._flatten_layers(include_self=False)
+    )
+    return f"global={keras.mixed_precision.global_policy().name};" + ",".join(layers)
+
+
+def preprocessing_fingerprint(fn, version=PREPROCESSING_VERSION):
+    """`version` plus a digest of `fn`'s source (its bytecode if no source)."""
+    try:
+        body = inspect.getsource(fn).encode()
+    except (OSError, TypeError):
+        body = getattr(getattr(fn, "__code__", None), "co_code", repr(fn).encode())
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return f"{version}:{name}:{hashlib.blake2b(body, digest_size=8).hexdigest()}"
+
+
+def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_VERSION):
+    """The dict that identifies a teacher's outputs on `images`.
+
+    Args:
+        teacher: the teacher `keras.Model`.
+        images: the raw images the outputs are computed from.
+        preprocess: the preprocessing function applied to them.
+        preprocessing_version: a version string of that preprocessing.
+            Defaults to `PREPROCESSING_VERSION`.
+
+    Returns:
+        A JSON-serialisable dict; equal dicts mean reusable outputs.
+    """
+    images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+    return {
+        "format": CACHE_FORMAT,
+        "teacher_weights": hash_weights(teacher),
+        "teacher_architecture": hash_architecture(teacher),
+        "images": {
+            "shape": list(images.shape),
+            "dtype": images.dtype.str,
+            "bytes": hash_array(images),
+        },
+        "preprocessing": preprocessing_fingerprint(preprocess, preprocessing_version),
+        "dtype_policy": hashlib.blake2b(
+            dtype_policies(teacher).encode(), digest_size=16
+        ).hexdigest(),
+    }
+
+
+def describe_change(old, new):
+    """The names of the key fields that differ, e.g. `["teacher_weights"]`."""
+    if not isinstance(old, dict):
+        return ["unreadable key"]
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def cache_decision(augmentation):
+    """`(use_cache, reason)` for a training pipeline.
+
+    Args:
+        augmentation: `None` (or empty) when the training pipeline is
+            deterministic; otherwise a description of its random
+            augmentation (e.g. `"random flip"`).
+
+    Returns:
+        `(True, "...")` when teacher outputs may be cached, `(False, why)`
+        when the teacher must run every step.
+    """
+    if augmentation:
+        return False, (
+            f"the training pipeline applies random augmentation ({augmentation}): "
+            "each step sees new images, so the teacher runs on every step"
+        )
+    return True, "the training pipeline is deterministic (no random augmentation)"
+
+
+@dataclasses.dataclass
+class TeacherOutputs:
+    """Teacher outputs for every training example, and where they came from.
+
+    Attributes:
+        array: `(N, ...)` float32, a NumPy array or a read-only memmap.
+        key: the cache key they belong to.
+        source: `"computed"` or `"reused"`.
+        path: the `.npy` file, or None when kept in memory only.
+        seconds: time spent computing (0 when reused).
+        hash_seconds: time spent computing the key.
+    """
+
+    array: np.ndarray
+    key: dict
+    source: str
+    path: Optional[str] = None
+    seconds: float = 0.0
+    hash_seconds: float = 0.0
+
+    @property
+    def in_memory(self):
+        return not isinstance(self.array, np.memmap)
+
+    def column(self):
+        """The array to batch alongside the images (`make_dataset(extra=...)`).
+
+        In memory: the outputs themselves. Memory-mapped: the example indices,
+        which `lookup` turns into output rows read from the file per batch, so
+        the pipeline never copies the whole file into a tensor.
+        """
+        if self.in_memory:
+            return self.array
+        return np.arange(len(self.array), dtype=np.int64)
+
+    def lookup(self, x, y, column):
+        """`tf.data` map from `(x, y, column)` to `((x, teacher_outputs), y)`."""
+        if self.in_memory:
+            return (x, column), y
+        array = self.array
+
+        def rows(indices):
+            return np.asarray(array[np.sort(indices)][np.argsort(np.argsort(indices))],
+                              dtype=np.float32)
+
+        outputs = tf.numpy_function(rows, [column], tf.float32, stateful=False)
+        outputs.set_shape(column.shape[:1].concatenate(array.shape[1:]))
+        return (x, outputs), y
+
+
+def _read_key(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_key(path, key):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(key, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _load(path, key, in_memory):
+    try:
+        array = np.load(path, mmap_mode=None if in_memory else "r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        logger.warning("teacher cache: cannot read %s (%s): recomputing", path, e)
+        return None
+    if array.dtype != np.float32 or array.shape[:1] != tuple(key["images"]["shape"][:1]):
+        logger.warning("teacher cache: %s has shape %s %s, not the data's: recomputing",
+                       path, array.shape, array.dtype)
+        return None
+    return array
+
+
+def teacher_outputs(
+    teacher,
+    images,
+    predict,
+    *,
+    cache_dir=None,
+    preprocess=None,
+    preprocessing_version=PREPROCESSING_VERSION,
+    memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
+    chunk_examples=DEFAULT_CHUNK_EXAMPLES,
+):
+    """The teacher's outputs on `images`, from the cache or computed once.
+
+    Args:
+        teacher: the teacher `keras.Model` (hashed for the key).
+        images: raw training images `(N, ...)` in the order the training
+            pipeline indexes them.
+        predict: `predict(raw_images) -> outputs`, batched inference mode
+            (e.g. `Trainer.teacher_logits`). Called on chunks of at most
+            `chunk_examples` images.
+        cache_dir: folder of the stored cache; None keeps it in memory only
+            (and then it must fit the budget). Defaults to None.
+        preprocess: the preprocessing `predict` applies, fingerprinted for
+            the key. Defaults to `data.preprocess`.
+        preprocessing_version: version string of that preprocessing.
+        memory_budget_bytes: the largest output array kept in memory; larger
+            ones are memory-mapped from `cache_dir`. Defaults to 1 GiB.
+        chunk_examples: images per `predict` call. Defaults to 8192.
+
+    Returns:
+        A `TeacherOutputs`.
+
+    Raises:
+        ValueError: when the outputs exceed the budget and there is no
+            `cache_dir`, or `predict` returns the wrong number of rows.
+    """
+    if preprocess is None:
+        from knowledge_distillation.data import preprocess
+    n = len(images)
+    if n == 0:
+        raise ValueError("teacher_outputs got no images")
+    start = time.perf_counter()
+    key = cache_key(teacher, images, preprocess, preprocessing_version)
+    hash_seconds = time.perf_counter() - start
+    out_shape = tuple(int(d) for d in teacher.output_shape[1:])
+    nbytes = n * int(np.prod(out_shape, dtype=np.int64)) * 4
+    in_memory = nbytes <= memory_budget_bytes
+    if not in_memory and cache_dir is None:
+        raise ValueError(
+            f"teacher outputs need {nbytes} bytes, over the {memory_budget_bytes}-byte "
+            "memory budget: give cache_dir so they are memory-mapped from a file"
+        )
+    array_path = key_path = None
+    if cache_dir is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        array_path = os.path.join(cache_dir, ARRAY_FILE)
+        key_path = os.path.join(cache_dir, KEY_FILE)
+        stored = _read_key(key_path)
+        if stored == key and os.path.isfile(array_path):
+            array = _load(array_path, key, in_memory)
+            if array is not None:
+                logger.info(
+                    "teacher cache: reusing %s (%d outputs, %s; key matches: same "
+                    "teacher, data, preprocessing and dtype policy)",
+                    array_path, n, "in memory" if in_memory else "memory-mapped")
+                return TeacherOutputs(array, key, "reused", array_path, 0.0, hash_seconds)
+        elif stored is not None:
+            logger.info("teacher cache: %s is stale (%s changed): recomputing",
+                        array_path, ", ".join(describe_change(stored, key)))
+    logger.info(
+        "teacher cache: computing %d teacher outputs once, batched, inference mode "
+        "(%.1f MB, %s)", n, nbytes / 1e6,
+        "in memory" if in_memory else f"memory-mapped from {array_path}")
+    start = time.perf_counter()
+    array = _compute(predict, images, (n,) + out_shape, chunk_examples,
+                     None if in_memory else array_path + ".tmp")
+    seconds = time.perf_counter() - start
+    if cache_dir is not None:
+        # Invalidate first: a crash between the two writes must not pair a
+        # new array with an old key.
+        if os.path.exists(key_path):
+            os.remove(key_path)
+        if in_memory:
+            tmp = array_path + ".tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, array)
+            os.replace(tmp, array_path)
+        else:
+            array.flush()
+            del array
+            os.replace(array_path + ".tmp", array_path)
+            array = np.load(array_path, mmap_mode="r")
+        _write_key(key_path, key)
+    logger.info("teacher cache: %d outputs in %.1f s (key hashed in %.2f s)",
+                n, seconds, hash_seconds)
+    return TeacherOutputs(array, key, "computed", array_path, seconds, hash_seconds)
+
+
+def _compute(predict, images, shape, chunk_examples, mmap_path):
+    if mmap_path is None:
+        out = np.empty(shape, np.float32)
+    else:
+        out = np.lib.format.open_memmap(mmap_path, mode="w+", dtype=np.float32, shape=shape)
+    n = shape[0]
+    for begin in range(0, n, chunk_examples):
+        end = min(n, begin + chunk_examples)
+        chunk = np.asarray(predict(images[begin:end]), dtype=np.float32)
+        if chunk.shape != (end - begin,) + shape[1:]:
+            raise ValueError(
+                f"predict returned shape {chunk.shape} for {end - begin} images; "
+                f"expected {(end - begin,) + shape[1:]}"
+            )
+        out[begin:end] = chunk
+    return out
