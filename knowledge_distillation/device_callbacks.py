@@ -403,10 +403,24 @@ class StaticShapeGuard(_ProbeCallback):
         return self.probe.traces
 
     def on_train_begin(self, logs=None):
-        pass  # any steps_per_execution is fine for counting traces
+        self._stepped = False  # any steps_per_execution is fine for counting traces
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._stepped = True
 
     def _on_trace(self, probe, shapes):
         name = probe.model.name
+        if (
+            not getattr(self, "_stepped", False)
+            and probe.traces == 2
+            and shapes == probe.trace_shapes[0]
+        ):
+            # tf.function traces a first call again when that trace created
+            # variables (state Keras builds lazily); the retrace with the same
+            # shapes, before any step ran, is that one and not a shape change.
+            probe.traces -= 1
+            probe.trace_shapes.pop()
+            return
         if any(dim is None for shape in shapes for dim in shape):
             raise ValueError(
                 f"--static: the train step of {name!r} got input shapes {shapes} "
