@@ -7,6 +7,7 @@ layer is a frozen copy of the float one. A second, plain float copy serves as
 the teacher, so the user's model is never modified.
 """
 
+import contextlib
 import logging
 
 import keras
@@ -20,7 +21,23 @@ logger = logging.getLogger(__name__)
 def _clone_layer(layer):
     if not isinstance(layer, keras.layers.Layer):
         return layer  # a stateless keras.ops operation: reuse it
-    return layer.__class__.from_config(layer.get_config())
+    config = layer.get_config()
+    if "dtype" in config:
+        # Quantization factors are learned and checked against float32, even
+        # for a model trained under a mixed-precision policy.
+        config["dtype"] = "float32"
+    return layer.__class__.from_config(config)
+
+
+@contextlib.contextmanager
+def float32_policy():
+    """Runs the block with Keras' global dtype policy set to float32."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 class QuantizedModel:
@@ -33,12 +50,17 @@ class QuantizedModel:
         units: `{head name: Unit}`.
         blocks: the blocks, lists of float layer names in order.
         keras_model: the quantized Keras model (TF fake-quant simulation).
-        teacher_model: a frozen float copy of the model.
+        teacher_model: a frozen float32 copy of the model (whatever the
+            user model's dtype policy).
         quant_layers: `{layer name: QuantizedLayer}` in topological order.
         unsupported: `{layer name: reason}` of weighted layers left in float.
     """
 
     def __init__(self, model, config):
+        with float32_policy():
+            self._build(model, config)
+
+    def _build(self, model, config):
         self.float_model = model
         self.config = config
         self.graph = quantize_graph.Graph(model)
@@ -152,8 +174,8 @@ class QuantizedModel:
     def prefix_models(self, block):
         """`(float, quantized)` models from the input to `block`'s input."""
         tensor_id = self.block_input_id(block)
-        return (keras.Model(self.teacher_model.inputs, self.teacher_tensors[tensor_id]),
-                keras.Model(self.keras_model.inputs, self.quant_tensors[tensor_id]))
+        return (keras.Model(self.teacher_model.input, self.teacher_tensors[tensor_id]),
+                keras.Model(self.keras_model.input, self.quant_tensors[tensor_id]))
 
     # -- state --------------------------------------------------------------
 

@@ -11,12 +11,9 @@ inside a block: residual connections never straddle a block boundary.
 """
 
 import collections
-import logging
 
 import keras
 import numpy as np
-
-logger = logging.getLogger(__name__)
 
 QUANTIZABLE_TYPES = {
     keras.layers.Conv2D: "conv2d",
@@ -216,8 +213,9 @@ def quantizable_kind(layer, input_shapes):
         return None, "data_format is not channels_last"
     if kind != "dense" and len(input_shapes[0]) != 4:
         return None, "input is not a 4-D image tensor"
-    if getattr(layer, "dtype_policy", None) is not None and layer.dtype_policy.name != "float32":
-        return None, f"dtype policy {layer.dtype_policy.name} is not float32"
+    policy = getattr(layer, "dtype_policy", None)
+    if getattr(policy, "quantization_mode", None):
+        return None, f"already quantized by Keras (dtype policy {policy.name})"
     return kind, None
 
 

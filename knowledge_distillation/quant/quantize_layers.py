@@ -6,14 +6,18 @@ It holds the float layer's kernel and bias with BatchNorm already folded in
 - the input activation's clip range (ULQ: `clip_min`, `clip_max`, per
   tensor, initialised by calibration), from which the INT8 scale and zero
   point follow;
-- the weights' clip value per output channel (symmetric scale);
+- with `ulq_distill` weights, the weights' clip value per output channel
+  (symmetric scale, LSQ-style through a straight-through rounding);
 - with `arq_distill` weights, the rounding of every weight (AdaRound: a soft
   rounding `floor(w / s) + h(V)` during training, pushed to 0/1 by an
-  annealed regulariser; hard `floor(w / s) + (V >= 0)` at inference).
+  annealed regulariser; hard `floor(w / s) + (V >= 0)` at inference), the
+  scale staying at its per-channel MSE-searched start.
 
 `freeze()` turns the learned state into the exact integers and float32
 scales that the record file and the ONNX models hold; a frozen layer
-computes `conv(fake_quant(x), w_int * scale_w) + bias`, which is what ONNX
+computes `conv(q - offset_d, w_int) * (scale_d * scale_w) + bias` with
+`q = quantize(x, scale_d, offset_d)`: the fake-quant product in an order
+where every partial sum is an exact integer, which is bitwise what ONNX
 Runtime computes on the exported models.
 """
 
@@ -26,10 +30,12 @@ from knowledge_distillation.quant import quantize_math as qm
 KINDS = ("conv2d", "depthwise", "dense")
 WEIGHT_ALGOS = ("arq_distill", "ulq_distill")
 
-# Learning rates of AMCT's block distillation (optimizer lr is BASE_LR; the
-# others are reached by scaling the variables, since Adam's step size does
-# not depend on the gradient's scale).
-BASE_LR = 1e-3
+# Learning rates. The optimizer's is BASE_LR, that of the rounding logits
+# (AdaRound uses 1e-3 over 20k steps; a block here gets a few hundred, and
+# 1e-2 measured best on MobileNetV2 INT4). The activation clips (AMCT: 0.1)
+# and weight clips (AMCT: 1e-4) reach theirs through variables scaled by
+# lr / BASE_LR: Adam's step size does not depend on the gradient's scale.
+BASE_LR = 1e-2
 ACT_CLIP_LR = 0.1
 WEIGHT_CLIP_LR = 1e-4
 
@@ -55,6 +61,11 @@ class QuantState:
         self.dst_type_d = qm.check_dst_type(dst_type_d)
         self.round_up = None if round_up is None else np.asarray(round_up, bool)
 
+    @property
+    def multiplier(self):
+        """`scale_d * scale_w` in float32: turns the integer accumulator to float."""
+        return (self.scale_d * self.scale_w).astype(np.float32)
+
 
 class QuantizedLayer(keras.layers.Layer):
     """A quantized Conv2D / DepthwiseConv2D / Dense with BatchNorm folded.
@@ -63,8 +74,8 @@ class QuantizedLayer(keras.layers.Layer):
         kind: "conv2d", "depthwise" or "dense".
         kernel: folded float kernel in the Keras layout of `kind`.
         bias: folded float bias `(channels,)`.
-        strides, padding, dilation_rate, groups: the convolution's
-            arguments (ignored for Dense).
+        strides, padding, dilation_rate: the convolution's arguments
+            (ignored for Dense); groups follow from the kernel's shape.
         activation: the float layer's own activation (a Keras activation
             name or function), applied after the bias.
         weight_dst_type: "INT8" or "INT4". Defaults to "INT8".
@@ -88,7 +99,6 @@ class QuantizedLayer(keras.layers.Layer):
         strides=1,
         padding="valid",
         dilation_rate=1,
-        groups=1,
         activation=None,
         weight_dst_type="INT8",
         weight_algo="arq_distill",
@@ -115,7 +125,6 @@ class QuantizedLayer(keras.layers.Layer):
         self.strides = strides
         self.padding = padding
         self.dilation_rate = dilation_rate
-        self.groups = int(groups)
         self.activation = keras.activations.get(activation)
         self.weight_dst_type = qm.check_dst_type(weight_dst_type)
         self.act_dst_type = act_dst_type
@@ -130,7 +139,6 @@ class QuantizedLayer(keras.layers.Layer):
         else:
             self.scale_shape = (1,) * (self.float_kernel.ndim - 1) + (self.float_kernel.shape[-1],)
         self.channels = int(np.prod(self.scale_shape))
-        self.calibrated = clip_init is not None
         self.state = None  # QuantState once frozen
 
     # -- weights ------------------------------------------------------------
@@ -155,10 +163,12 @@ class QuantizedLayer(keras.layers.Layer):
         self.clip_max_raw = self.add_weight(
             name="clip_max", shape=(), initializer=const(hi / self._act_k), trainable=True)
         scales = self._flat_kernel_scales()
+        # With learned rounding the scale stays at its MSE-searched value:
+        # moving it would shift floor(w / s) under the rounding being learned.
         self.weight_clip_raw = self.add_weight(
             name="weight_clip", shape=(self.channels,),
             initializer=const(scales * qmax_w / self._w_k),
-            trainable=True)
+            trainable=not self.learned_rounding)
         if self.learned_rounding:
             self.round_v = self.add_weight(
                 name="round_v", shape=self.float_kernel.shape,
@@ -168,13 +178,17 @@ class QuantizedLayer(keras.layers.Layer):
             name="round_beta", shape=(), initializer=const(20.0), trainable=False)
         self.round_reg_weight = self.add_weight(
             name="round_reg_weight", shape=(), initializer=const(0.0), trainable=False)
+        self.round_hard = self.add_weight(
+            name="round_hard", shape=(), initializer=const(0.0), trainable=False)
         self._frozen_scale_d = self.add_weight(
             name="scale_d", shape=(), initializer="ones", trainable=False)
         self._frozen_offset_d = self.add_weight(
             name="offset_d", shape=(), initializer="zeros", trainable=False)
-        self._frozen_w = self.add_weight(
-            name="weight_dequant", shape=self.float_kernel.shape,
+        self._frozen_w_int = self.add_weight(
+            name="weight_int", shape=self.float_kernel.shape,
             initializer="zeros", trainable=False)
+        self._frozen_multiplier = self.add_weight(
+            name="dequant_scale", shape=(self.channels,), initializer="zeros", trainable=False)
         super().build(input_shape)
 
     def _channel_view(self, kernel):
@@ -209,7 +223,6 @@ class QuantizedLayer(keras.layers.Layer):
             self.clip_max_raw.assign(float(x_max) / self._act_k)
         elif self.fixed_min:
             self.clip_min_raw.assign(0.0)
-        self.calibrated = True
 
     # -- forward ------------------------------------------------------------
 
@@ -228,7 +241,11 @@ class QuantizedLayer(keras.layers.Layer):
         if self.learned_rounding:
             base = tf.stop_gradient(tf.floor(scaled))
             if training:
-                rounding = qm.adaround_h(self.round_v)
+                soft = qm.adaround_h(self.round_v)
+                hard = tf.cast(self.round_v >= 0.0, self.kernel.dtype)
+                # In the hard phase the forward pass rounds as at inference
+                # while the gradient still flows through the soft rounding.
+                rounding = soft + self.round_hard * tf.stop_gradient(hard - soft)
             else:
                 rounding = tf.cast(self.round_v >= 0.0, self.kernel.dtype)
             q = base + rounding
@@ -240,16 +257,19 @@ class QuantizedLayer(keras.layers.Layer):
     def call(self, inputs, training=None):
         qmin, qmax = qm.int_range(self.act_dst_type)
         if self.state is not None:
-            x = qm.tf_fake_quantize(
-                inputs, self._frozen_scale_d, self._frozen_offset_d, qmin, qmax)
-            kernel = self._frozen_w
-        else:
-            scale, zero_point = self._act_params()
-            x = qm.tf_fake_quantize(inputs, scale, zero_point, qmin, qmax)
-            kernel = self._fake_quant_kernel(training)
-            if training and self.learned_rounding:
-                self.add_loss(self.round_reg_weight * qm.adaround_regularizer(
-                    self.round_v, self.round_beta))
+            # (q - offset_d) and w_int are integers held in float32: every
+            # partial sum of the convolution is an exact integer (below 2^24),
+            # whatever the summation order, so this is bitwise what ONNX
+            # Runtime computes on the exported models.
+            x = qm.tf_quantize(inputs, self._frozen_scale_d, self._frozen_offset_d, qmin, qmax)
+            acc = self._op(x - self._frozen_offset_d, self._frozen_w_int)
+            return self.activation(acc * self._frozen_multiplier + self.bias)
+        scale, zero_point = self._act_params()
+        x = qm.tf_fake_quantize(inputs, scale, zero_point, qmin, qmax)
+        kernel = self._fake_quant_kernel(training)
+        if training and self.learned_rounding:
+            self.add_loss(self.round_reg_weight * qm.adaround_regularizer(
+                self.round_v, self.round_beta))
         return self.activation(self._op(x, kernel) + self.bias)
 
     def _op(self, x, kernel):
@@ -267,8 +287,10 @@ class QuantizedLayer(keras.layers.Layer):
         if self.kind == "dense":
             return tuple(input_shape[:-1]) + (self.float_kernel.shape[-1],)
         spec = keras.KerasTensor(input_shape)
-        kernel = keras.KerasTensor(self.float_kernel.shape)
-        return self._op(spec, kernel).shape
+        shape = self.float_kernel.shape
+        if self.kind == "conv2d":  # grouped kernels hold in/groups input channels
+            shape = shape[:2] + (input_shape[-1], shape[-1])
+        return self._op(spec, keras.KerasTensor(shape)).shape
 
     # -- freezing -----------------------------------------------------------
 
@@ -320,7 +342,8 @@ class QuantizedLayer(keras.layers.Layer):
                                flat[:size].reshape(self.float_kernel.shape), state.dst_type_d)
         self.state = state
         w_int = self.integer_kernel(state).astype(np.float32)
-        self._frozen_w.assign(w_int * np.reshape(state.scale_w, self.scale_shape))
+        self._frozen_w_int.assign(w_int)
+        self._frozen_multiplier.assign(state.multiplier)
         self._frozen_scale_d.assign(state.scale_d)
         self._frozen_offset_d.assign(float(state.offset_d))
         for variable in self.trainable_variables:

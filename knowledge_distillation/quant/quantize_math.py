@@ -221,9 +221,9 @@ def round_ste(x):
     return x + tf.stop_gradient(tf.round(x) - x)
 
 
-def floor_ste(x):
-    """Floor forward, identity gradient backward."""
-    return x + tf.stop_gradient(tf.floor(x) - x)
+def tf_quantize(x, scale, zero_point, qmin, qmax):
+    """The TF twin of `quantize`: the integer levels q, held in float32."""
+    return tf.clip_by_value(tf.round(x / scale) + zero_point, float(qmin), float(qmax))
 
 
 def tf_fake_quantize(x, scale, zero_point, qmin, qmax):

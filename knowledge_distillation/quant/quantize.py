@@ -1,0 +1,279 @@
+"""The block-distillation quantization flow, step by step and end to end.
+
+The steps follow AMCT's sample, each usable alone:
+
+1. `create_distill_config(model, simple_config)` -> `DistillConfig`
+   (saved as `tmp/distill_config.json`);
+2. `create_quant_model(model, config)` -> `QuantizedModel`;
+3. `distill(qmodel, images, epochs=...)` calibrates and distils it block by
+   block;
+4. `save_quant_model(qmodel, output_dir, name)` writes
+   `tmp/scale_offset_record.txt`, `result/<name>_fake_quant_model.onnx`
+   and `result/<name>_deploy_model.onnx`.
+
+`quantize_model` runs them all on an `ImageData`, evaluates the float model
+(Keras) and the fake-quant model (ONNX Runtime) on the test split, checks the
+TF simulation, fake-quant and deploy models against each other, and returns
+a JSON-ready summary. The trainer calls it with `--quantize`.
+"""
+
+import logging
+import os
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+from knowledge_distillation import data as data_lib
+from knowledge_distillation.quant import quantize_distill, quantize_onnx
+from knowledge_distillation.quant.quantize_build import create_quant_model, float32_policy
+from knowledge_distillation.quant.quantize_config import create_distill_config
+from knowledge_distillation.quant.quantize_record import save_record
+
+logger = logging.getLogger(__name__)
+
+LOG_DIR = "amct_log"
+LOG_FILE = "quantize.log"
+CONFIG_FILE = os.path.join("tmp", "distill_config.json")
+RECORD_FILE = os.path.join("tmp", "scale_offset_record.txt")
+
+
+def output_paths(output_dir, name):
+    """Where the flow writes its files under `output_dir`."""
+    return {
+        "config": os.path.join(output_dir, CONFIG_FILE),
+        "record": os.path.join(output_dir, RECORD_FILE),
+        "fake_quant_model": os.path.join(output_dir, "result", f"{name}_fake_quant_model.onnx"),
+        "deploy_model": os.path.join(output_dir, "result", f"{name}_deploy_model.onnx"),
+        "log": os.path.join(output_dir, LOG_DIR, LOG_FILE),
+    }
+
+
+def save_quant_model(qmodel, output_dir, name):
+    """Writes the record and the fake-quant and deploy ONNX models.
+
+    Args:
+        qmodel: a frozen `QuantizedModel` (distilled, or with a record applied).
+        output_dir: the run's folder (`tmp/` and `result/` go under it).
+        name: file name stem of the ONNX models.
+
+    Returns:
+        `{"record": path, "fake_quant_model": path, "deploy_model": path,
+        "fake_quant_bytes": int, "deploy_bytes": int}`.
+    """
+    if not qmodel.frozen:
+        raise ValueError("the quantized model is not frozen: run distill() or apply_record() first")
+    paths = output_paths(output_dir, name)
+    save_record(paths["record"], qmodel.states())
+    result = {"record": paths["record"]}
+    for mode in ("fake_quant", "deploy"):
+        model = quantize_onnx.build_onnx(qmodel.keras_model, mode, name=f"{name}_{mode}")
+        result[f"{mode}_bytes"] = quantize_onnx.save_onnx(model, paths[f"{mode}_model"])
+        result[f"{mode}_model"] = paths[f"{mode}_model"]
+    logger.info("record written to %s", paths["record"])
+    logger.info("fake-quant model written to %s (%d bytes)", result["fake_quant_model"],
+                result["fake_quant_bytes"])
+    logger.info("deploy model written to %s (%d bytes)", result["deploy_model"],
+                result["deploy_bytes"])
+    return result
+
+
+# --- evaluation ----------------------------------------------------------------
+
+
+def topk_accuracy(logits, labels):
+    """`(top1, top5)` of logits against integer labels (top-k capped at the class count)."""
+    logits = np.asarray(logits)
+    labels = np.asarray(labels).reshape(-1)
+    k = min(5, logits.shape[-1])
+    top = np.argsort(-logits, axis=-1, kind="stable")[:, :k]
+    top1 = int(np.sum(top[:, 0] == labels)) / len(labels)
+    top5 = int(np.sum(np.any(top == labels[:, None], axis=1))) / len(labels)
+    return top1, top5
+
+
+def _batches(x, batch_size, num_parallel_reads=None):
+    dataset = data_lib.make_dataset(x, np.zeros(len(x), np.int64), batch_size)
+    if num_parallel_reads:
+        import tensorflow as tf
+
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = int(num_parallel_reads)
+        dataset = dataset.with_options(options)
+    for images, _ in dataset:
+        yield images
+
+
+def keras_logits(model, x, batch_size=256, num_parallel_reads=None):
+    """Logits of a Keras model on raw images (preprocessed by `data.preprocess`)."""
+    return np.concatenate([np.asarray(model(images, training=False))
+                           for images in _batches(x, batch_size, num_parallel_reads)])
+
+
+def onnx_session(model, num_threads=None):
+    """An ONNX Runtime CPU session of a path or `ModelProto`."""
+    options = ort.SessionOptions()
+    if num_threads:
+        options.intra_op_num_threads = int(num_threads)
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_logits(model, x, batch_size=256, num_parallel_reads=None):
+    """Logits of an ONNX model (path or proto) in ONNX Runtime on raw images."""
+    session = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
+    input_name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {input_name: images.numpy()})[0]
+                           for images in _batches(x, batch_size, num_parallel_reads)])
+
+
+def compare_logits(logits, reference):
+    """Largest absolute logit difference and argmax agreement of two runs."""
+    return {
+        "max_abs_logit_diff": float(np.max(np.abs(np.asarray(logits) - np.asarray(reference)))),
+        "argmax_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(reference, -1))),
+    }
+
+
+# --- the whole flow -------------------------------------------------------------
+
+
+def _calibration_images(data, size, seed):
+    n = len(data.x_train)
+    size = min(int(size), n)
+    index = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+    return data_lib.preprocess(data.x_train[index]).numpy()
+
+
+def quantize_model(
+    model,
+    data,
+    output_dir,
+    name=None,
+    batch_size=32,
+    calibration_size=1024,
+    config_text=None,
+    config_source="<config>",
+    epochs=1,
+    max_input_drift=0.1,
+    seed=0,
+    num_parallel_reads=None,
+):
+    """Quantizes a float Keras model by block distillation and evaluates it.
+
+    Writes under `output_dir`: `tmp/distill_config.json`,
+    `tmp/scale_offset_record.txt`, `result/<name>_fake_quant_model.onnx`,
+    `result/<name>_deploy_model.onnx` and `amct_log/quantize.log`.
+
+    Everything runs in float32, also for a model trained under a mixed
+    precision policy: the "before" accuracy is that of a float32 copy.
+
+    Args:
+        model: the float functional or sequential `keras.Model` (logits out).
+        data: an `ImageData`; a slice of its training split calibrates and
+            distils, its test split evaluates.
+        output_dir: where the files go.
+        name: stem of the ONNX file names. Defaults to the model's name.
+        batch_size: examples per distillation step and calibration batch.
+            Defaults to 32.
+        calibration_size: training images used to calibrate and distil.
+            Defaults to 1024.
+        config_text: optional AMCT simple config (protobuf text).
+        config_source: its file name, for error messages.
+        epochs: passes over the calibration images per block (0:
+            calibration only). Defaults to 1.
+        max_input_drift: see `distill`. Defaults to 0.1.
+        seed: seed of the calibration sample and of training. Defaults to 0.
+        num_parallel_reads: threads of the evaluation input pipelines.
+
+    Returns:
+        A JSON-serialisable dict: `before` and `after` (top1/top5 of the float
+        Keras model and of the fake-quant ONNX model in ONNX Runtime),
+        `tf_simulation` and `deploy` top1/top5, `onnx_vs_tf` and
+        `deploy_vs_fake_quant` (largest logit difference, argmax agreement),
+        `sizes` (bytes of float/fake-quant/deploy ONNX), `blocks` (per-block
+        losses), `paths`, `seconds`.
+    """
+    name = name or model.name
+    paths = output_paths(output_dir, name)
+    os.makedirs(os.path.dirname(paths["log"]), exist_ok=True)
+    handler = logging.FileHandler(paths["log"])
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    package_logger = logging.getLogger("knowledge_distillation")
+    package_logger.addHandler(handler)
+    if package_logger.getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+    try:
+        with float32_policy():
+            return _quantize(model, data, output_dir, name, paths, batch_size, calibration_size,
+                             config_text, config_source, epochs, max_input_drift, seed,
+                             num_parallel_reads)
+    finally:
+        package_logger.removeHandler(handler)
+        handler.close()
+
+
+def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size, config_text,
+              config_source, epochs, max_input_drift, seed, num_parallel_reads):
+    start = time.perf_counter()
+    x_test, y_test = data.x_test, data.y_test
+    logger.info("quantizing %s: %d calibration images from %s train, %d test images",
+                name, min(calibration_size, len(data.x_train)), data.name, len(x_test))
+    config = create_distill_config(model, config_text, source=config_source)
+    config.save(paths["config"])
+    logger.info("distill config: %d quantized layers in %d blocks (group_size %d), written to %s",
+                len(config.quantized_layers), len(config.distill_group), config.group_size,
+                paths["config"])
+    qmodel = create_quant_model(model, config)
+    # The float reference is the float32 copy the blocks distil from.
+    float_logits = keras_logits(qmodel.teacher_model, x_test, num_parallel_reads=num_parallel_reads)
+    before = topk_accuracy(float_logits, y_test)
+    logger.info("%s before quantize top1: %s top5: %s", name, *before)
+    images = _calibration_images(data, calibration_size, seed)
+    distill_start = time.perf_counter()
+    dump_dir = os.path.join(output_dir, "tmp", "data_dump") if config.data_dump else None
+    blocks = quantize_distill.distill(
+        qmodel, images, epochs=epochs, batch_size=batch_size,
+        max_input_drift=max_input_drift, seed=seed, dump_dir=dump_dir)
+    distill_seconds = time.perf_counter() - distill_start
+    saved = save_quant_model(qmodel, output_dir, name)
+
+    float_bytes = len(quantize_onnx.build_onnx(qmodel.teacher_model, "float").SerializeToString())
+    sim_logits = keras_logits(qmodel.keras_model, x_test, num_parallel_reads=num_parallel_reads)
+    fake_logits = onnx_logits(saved["fake_quant_model"], x_test, num_parallel_reads=num_parallel_reads)
+    deploy_logits = onnx_logits(saved["deploy_model"], x_test, num_parallel_reads=num_parallel_reads)
+    after = topk_accuracy(fake_logits, y_test)
+    logger.info("%s after quantize  top1: %s top5: %s", name, *after)
+    onnx_vs_tf = compare_logits(fake_logits, sim_logits)
+    deploy_vs_fake = compare_logits(deploy_logits, fake_logits)
+    logger.info("ONNX Runtime fake-quant vs TF simulation: largest logit difference %.3g, "
+                "argmax agreement %.4f", onnx_vs_tf["max_abs_logit_diff"],
+                onnx_vs_tf["argmax_agreement"])
+    logger.info("deploy vs fake-quant: largest logit difference %.3g, argmax agreement %.4f",
+                deploy_vs_fake["max_abs_logit_diff"], deploy_vs_fake["argmax_agreement"])
+    logger.info("deploy model %d bytes, %.2fx smaller than the float ONNX model (%d bytes)",
+                saved["deploy_bytes"], float_bytes / saved["deploy_bytes"], float_bytes)
+    weight_types = sorted({layer.weight_dst_type for layer in config.layers.values()
+                           if layer.quant_enable})
+    return {
+        "name": name,
+        "weight_dst_types": weight_types,
+        "epochs": epochs,
+        "calibration_size": len(images),
+        "test_size": len(x_test),
+        "before": {"top1": before[0], "top5": before[1]},
+        "after": {"top1": after[0], "top5": after[1]},
+        "tf_simulation": dict(zip(("top1", "top5"), topk_accuracy(sim_logits, y_test))),
+        "deploy": dict(zip(("top1", "top5"), topk_accuracy(deploy_logits, y_test))),
+        "onnx_vs_tf": onnx_vs_tf,
+        "deploy_vs_fake_quant": deploy_vs_fake,
+        "sizes": {"float_onnx_bytes": float_bytes,
+                  "fake_quant_bytes": saved["fake_quant_bytes"],
+                  "deploy_bytes": saved["deploy_bytes"]},
+        "blocks": blocks,
+        "unsupported_layers": qmodel.unsupported,
+        "paths": {key: paths[key] for key in ("config", "record", "fake_quant_model",
+                                              "deploy_model", "log")},
+        "distill_seconds": distill_seconds,
+        "seconds": time.perf_counter() - start,
+    }

@@ -1,0 +1,246 @@
+"""Command line of the quantizer: absl flags -> one frozen config -> run.
+
+```
+python -m knowledge_distillation.quant --model PATH.keras \\
+    [--data_path DIR] [--config_defination FILE] [--batch_size 32] \\
+    [--num_parallel_reads 4] [--calibration_size 1024] [--output_dir D]
+```
+
+It prints AMCT's two lines,
+
+```
+[INFO] <model> before quantize top1:   0.8759 top5:   0.9962
+[INFO] <model> after quantize  top1:   0.8752 top5:   0.9963
+```
+
+(the float Keras model, then the fake-quant ONNX model in ONNX Runtime, on
+the test split) and writes `tmp/distill_config.json`,
+`tmp/scale_offset_record.txt`, `result/<name>_fake_quant_model.onnx`,
+`result/<name>_deploy_model.onnx`, `amct_log/quantize.log` and
+`quantize_summary.json` under `--output_dir`.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Optional
+
+from absl import flags
+
+from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig
+
+logger = logging.getLogger("knowledge_distillation.quant")
+
+PROG = "python -m knowledge_distillation.quant"
+SUMMARY_FILE = "quantize_summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """One quantization run.
+
+    Args:
+        model: the float `.keras` model file.
+        data_path: the data folder (or tfds data_dir).
+        dataset: `None` for MNIST-format files, or `tfds:NAME`.
+        config_defination: optional AMCT simple config file (protobuf text).
+        batch_size: examples per distillation step.
+        num_parallel_reads: threads of the data input pipelines.
+        calibration_size: training images that calibrate and distil.
+        epochs: passes over them per block (0: calibration only).
+        output_dir: where tmp/, result/ and amct_log/ go.
+        name: stem of the ONNX file names (default: the model's name).
+        test_size: if set, evaluate on the first N test images only.
+        max_input_drift: see `quant.distill`.
+        seed: seed of the calibration sample and of training.
+        distributed: distil on every local device, across hosts or across
+            NPU ranks (see `knowledge_distillation/distribute.py`).
+        dist_url: AMCT's `tcp://host:port`: the chief's address, checked
+            against the cluster.
+        num_cpu_devices: CPU-only host: logical devices to distil on.
+        worker_hosts: `host:port` of every worker, chief first (multi-host).
+        task_index: this host's index in `worker_hosts`.
+    """
+
+    model: str
+    data_path: str = DEFAULT_DATA_PATH
+    dataset: Optional[str] = None
+    config_defination: Optional[str] = None
+    batch_size: int = 32
+    num_parallel_reads: int = 4
+    calibration_size: int = 1024
+    epochs: int = 1
+    output_dir: str = os.path.join("output", "quant")
+    name: Optional[str] = None
+    test_size: Optional[int] = None
+    max_input_drift: float = 0.1
+    seed: int = 0
+    distributed: bool = False
+    dist_url: Optional[str] = None
+    num_cpu_devices: Optional[int] = None
+    worker_hosts: Optional[tuple] = None
+    task_index: Optional[int] = None
+
+    def __post_init__(self):
+        for key in ("batch_size", "num_parallel_reads", "calibration_size"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
+        if self.epochs < 0:
+            raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
+        if self.test_size is not None and self.test_size <= 0:
+            raise ValueError(f"--test_size must be positive, got {self.test_size}")
+        if self.max_input_drift < 0:
+            raise ValueError(f"--max_input_drift must be >= 0, got {self.max_input_drift}")
+        _distribute_config(self)  # the --distributed flags' own checks
+
+
+def define_flags(fv):
+    """Defines the quantizer's flags (AMCT sample names) on FlagValues `fv`."""
+    flags.DEFINE_string("model", None, "The float .keras model to quantize.", flag_values=fv)
+    flags.DEFINE_string(
+        "data_path", DEFAULT_DATA_PATH,
+        "Folder with mnist.npz or the four MNIST IDX files (or the tfds data_dir).",
+        flag_values=fv)
+    flags.DEFINE_string("dataset", None, "tfds:NAME to read a prepared tensorflow-datasets set.",
+                        flag_values=fv)
+    flags.DEFINE_string("config_defination", None,
+                        "AMCT simple config file (protobuf text format).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Examples per distillation step.", flag_values=fv)
+    flags.DEFINE_integer("num_parallel_reads", 4, "Threads reading the data set.", flag_values=fv)
+    flags.DEFINE_integer("calibration_size", 1024,
+                         "Training images used to calibrate and distil.", flag_values=fv)
+    flags.DEFINE_integer("epochs", 1, "Passes over the calibration images per block "
+                         "(0: calibration only).", flag_values=fv)
+    flags.DEFINE_string("output_dir", os.path.join("output", "quant"),
+                        "Where tmp/, result/ and amct_log/ are written.", flag_values=fv)
+    flags.DEFINE_string("name", None, "Stem of the ONNX file names (default: the model name).",
+                        flag_values=fv)
+    flags.DEFINE_integer("test_size", None, "Evaluate on the first N test images only.",
+                         flag_values=fv)
+    flags.DEFINE_float("max_input_drift", 0.1,
+                       "Largest relative error of a block's quantized input before it "
+                       "learns from the float input instead.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the calibration sample and training.", flag_values=fv)
+    flags.DEFINE_boolean("distributed", False, "Multi-device distillation.", flag_values=fv)
+    flags.DEFINE_string("dist_url", None, "AMCT's tcp://host:port: the chief's address.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_cpu_devices", None, "CPU-only host: logical CPU devices.",
+                         flag_values=fv)
+    flags.DEFINE_list("worker_hosts", None, "host:port of every worker, chief first.",
+                      flag_values=fv)
+    flags.DEFINE_integer("task_index", None, "This host's index in --worker_hosts.",
+                         flag_values=fv)
+
+
+def quantize_config(fv):
+    """The `QuantizeConfig` of parsed flags."""
+    if not fv["model"].value:
+        raise ValueError("--model is required: the float .keras model to quantize")
+    names = [f.name for f in dataclasses.fields(QuantizeConfig)]
+    return QuantizeConfig(**{name: fv[name].value for name in names})
+
+
+def _setup_logging():
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def info_line(name, when, accuracy):
+    """AMCT's result line, e.g. `[INFO] Net before quantize top1:   0.875 top5:   0.996`."""
+    label = "before quantize" if when == "before" else "after quantize "
+    return f"[INFO] {name} {label} top1:{accuracy['top1']:>10} top5:{accuracy['top5']:>10}"
+
+
+def run(config):
+    """Loads the model and data, quantizes, writes the summary; returns it.
+
+    Under `--distributed` every worker distils; only the chief writes
+    `--output_dir` (see `knowledge_distillation/distribute.py`).
+    """
+    from knowledge_distillation import distribute
+
+    # First: logical devices and multi-worker collectives need TensorFlow unstarted.
+    dist = distribute.setup(_distribute_config(config), batch_size=config.batch_size)
+    with dist.scope():
+        summary = _run(config, dist.write_dir(config.output_dir))
+    dist.finish()
+    return summary
+
+
+def _distribute_config(config):
+    return DistributeConfig(**{f.name: getattr(config, f.name)
+                               for f in dataclasses.fields(DistributeConfig)})
+
+
+def _run(config, output_dir):
+    from knowledge_distillation import data as data_lib
+    from knowledge_distillation import models
+    from knowledge_distillation.config import DeviceConfig
+    from knowledge_distillation.device import setup_device
+    from knowledge_distillation.quant.quantize import quantize_model
+    from knowledge_distillation.quant.quantize_config import load_simple_config
+    from knowledge_distillation.quant.quantize_io import atomic_write
+
+    # Quantization factors are learned and checked in float32.
+    setup_device(DeviceConfig(precision_mode="must_keep_origin_dtype"), output_dir)
+    config_text = None
+    if config.config_defination:
+        _, config_text = load_simple_config(config.config_defination)
+    model = models.load_model(config.model, flag="--model")
+    data = data_lib.load_data(config.data_path, config.dataset, test_size=config.test_size)
+    models.check_compatible(model, data.input_shape, data.num_classes, "--model")
+    summary = quantize_model(
+        model, data, output_dir,
+        name=config.name or model.name,
+        batch_size=config.batch_size,
+        calibration_size=config.calibration_size,
+        config_text=config_text,
+        config_source=config.config_defination or "<config>",
+        epochs=config.epochs,
+        max_input_drift=config.max_input_drift,
+        seed=config.seed,
+        num_parallel_reads=config.num_parallel_reads,
+    )
+    summary["config"] = dataclasses.asdict(config)
+    path = os.path.join(output_dir, SUMMARY_FILE)
+    atomic_write(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["paths"]["summary"] = path
+    return summary
+
+
+def main(argv=None):
+    """Entry point of `python -m knowledge_distillation.quant`. Returns an exit code."""
+    argv = list(sys.argv if argv is None else argv)
+    fv = flags.FlagValues()
+    define_flags(fv)
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(f"usage: {PROG} --model PATH.keras [--flag=value ...]\n")
+        print(fv.get_help())
+        return 0
+    try:
+        fv(argv)
+        config = quantize_config(fv)
+    except (flags.Error, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging()
+    logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
+    try:
+        summary = run(config)
+    except (ValueError, OSError) as e:
+        logger.error("%s", e)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    print(info_line(summary["name"], "before", summary["before"]))
+    print(info_line(summary["name"], "after", summary["after"]))
+    for key in ("config", "record", "fake_quant_model", "deploy_model", "log", "summary"):
+        print(f"{key}: {summary['paths'][key]}")
+    return 0

@@ -1,0 +1,121 @@
+"""End to end on a convnet trained here on a Fashion-MNIST slice."""
+
+import filecmp
+import json
+import os
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from keras import layers
+
+from knowledge_distillation.data import load_data, make_dataset, preprocess
+from knowledge_distillation.quant import (
+    DistillConfig,
+    create_distill_config,
+    create_quant_model,
+    distill,
+    load_record,
+    output_paths,
+    quantize_model,
+    save_quant_model,
+)
+
+
+def build_convnet(input_shape, num_classes):
+    """Conv-BN-ReLU, a depthwise-separable residual block, a strided conv, Dense."""
+    inputs = keras.Input(input_shape)
+    x = layers.Conv2D(16, 3, padding="same", use_bias=False, name="conv1")(inputs)
+    x = layers.BatchNormalization(momentum=0.9, name="conv1_bn")(x)
+    x = layers.ReLU(name="conv1_relu")(x)
+    x = layers.MaxPooling2D(2, name="pool")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    y = layers.BatchNormalization(momentum=0.9, name="dw_bn")(y)
+    y = layers.ReLU(6.0, name="dw_relu")(y)
+    y = layers.Conv2D(16, 1, use_bias=False, name="pw")(y)
+    y = layers.BatchNormalization(momentum=0.9, name="pw_bn")(y)
+    x = layers.Add(name="add")([x, y])
+    x = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dropout(0.2, name="dropout")(x)
+    outputs = layers.Dense(num_classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="convnet")
+
+
+@pytest.fixture(scope="module")
+def data(fashion_mnist_path):
+    return load_data(fashion_mnist_path, train_size=4096, test_size=1000)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    keras.utils.set_random_seed(0)
+    model = build_convnet(data.input_shape, data.num_classes)
+    model.compile(keras.optimizers.Adam(2e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(make_dataset(data.x_train, data.y_train, 64, shuffle=True, seed=0),
+              epochs=2, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def int8_run(trained, data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("int8"))
+    return out, quantize_model(trained, data, out, name="net", calibration_size=512, epochs=1)
+
+
+def test_int8_keeps_float_accuracy_and_onnx_reproduces_tf(int8_run):
+    out, result = int8_run
+    before, after = result["before"]["top1"], result["after"]["top1"]
+    assert before > 0.7, f"the test model trained badly: {before}"
+    assert after >= before - 0.015, result
+    # the fake-quant ONNX model in ONNX Runtime is the TF simulation
+    assert after == result["tf_simulation"]["top1"]
+    # every quantized op sums exact integers: the three agree bitwise here
+    assert result["onnx_vs_tf"]["max_abs_logit_diff"] <= 1e-4
+    assert result["deploy_vs_fake_quant"]["max_abs_logit_diff"] <= 1e-4
+    assert result["deploy"]["top1"] == after
+    sizes = result["sizes"]
+    assert sizes["deploy_bytes"] * 3 < sizes["float_onnx_bytes"]  # int8 weights + per-channel scales
+    for key in ("config", "record", "fake_quant_model", "deploy_model", "log"):
+        assert os.path.getsize(result["paths"][key]) > 0
+    assert [b["layers"][0] for b in result["blocks"]] == ["conv1", "dw", "pw", "conv2", "logits"]
+    log = open(result["paths"]["log"]).read()
+    assert "block 3/5 ['pw', 'pw_bn']" in log and "MSE loss before" in log
+    json.dumps(result)
+
+
+def test_deploy_model_holds_int8_weights_with_batchnorm_folded(int8_run):
+    _, result = int8_run
+    deploy = onnx.load(result["paths"]["deploy_model"])
+    ops = [node.op_type for node in deploy.graph.node]
+    assert ops.count("ConvInteger") == 4 and ops.count("MatMulInteger") == 1
+    assert "Conv" not in ops and "MatMul" not in ops and "BatchNormalization" not in ops
+    weights = [onnx.numpy_helper.to_array(t) for t in deploy.graph.initializer
+               if t.name.endswith("/weight_int8")]
+    assert len(weights) == 5 and all(w.dtype == np.int8 and np.abs(w).max() <= 127 for w in weights)
+
+
+def test_saving_again_from_the_record_reproduces_the_onnx_models(int8_run, trained, tmp_path):
+    out, _ = int8_run
+    paths = output_paths(out, "net")
+    config = DistillConfig.load(paths["config"])
+    qmodel = create_quant_model(trained, config)
+    qmodel.apply_record(load_record(paths["record"]))
+    again = save_quant_model(qmodel, str(tmp_path), "net")
+    assert filecmp.cmp(again["record"], paths["record"], shallow=False)
+    for key in ("fake_quant_model", "deploy_model"):
+        assert filecmp.cmp(again[key], paths[key], shallow=False), key
+
+
+def test_int4_learned_rounding_beats_round_to_nearest(trained, data):
+    config = create_distill_config(
+        trained, "distill_weight_quant_config { arq_distill { dst_type: INT4 } }")
+    images = preprocess(data.x_train[:256]).numpy()
+    reports = distill(create_quant_model(trained, config), images, epochs=8)
+    before = sum(r["loss_before"] for r in reports)  # calibrated, rounded to nearest
+    after = sum(r["loss_after"] for r in reports)
+    assert after < 0.85 * before, reports
+    assert sum(r["kept"] == "distilled" for r in reports) >= 4, reports

@@ -1,0 +1,177 @@
+"""ONNX export: float, fake-quant and deploy models against Keras and each other."""
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from keras import layers
+
+from knowledge_distillation.quant import (
+    build_onnx,
+    create_distill_config,
+    create_quant_model,
+    onnx_session,
+)
+
+
+def _model():
+    """Every native handler once, plus layers exported through tf2onnx."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((14, 14, 2))
+    x = layers.Rescaling(2.0, offset=-1.0, name="rescale")(inputs)
+    x = layers.ZeroPadding2D(((1, 0), (2, 1)), name="pad")(x)
+    x = layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False, name="stem")(x)
+    x = layers.BatchNormalization(name="stem_bn")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(x)
+    y = layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw")(x)
+    y = layers.LeakyReLU(0.1, name="dw_leaky")(y)
+    y = layers.Conv2D(8, 1, name="project", activation="swish")(y)
+    x = layers.Add(name="add")([x, y])
+    x = layers.SeparableConv2D(8, 3, padding="same", name="sep")(x)  # tf2onnx, float
+    x = layers.UpSampling2D(name="up")(x)  # tf2onnx
+    x = layers.Conv2D(6, 3, strides=2, groups=2, padding="valid", name="grouped")(x)
+    x = layers.BatchNormalization(name="free_bn")(layers.ELU(name="elu")(x))
+    a = layers.MaxPooling2D(2, padding="same", name="maxpool")(x)
+    b = layers.AveragePooling2D(2, padding="same", name="avgpool")(x)
+    x = layers.Concatenate(name="concat")([a, b])
+    g = layers.GlobalAveragePooling2D(name="gap")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(16, activation="relu", name="fc")(x)
+    x = layers.Concatenate(name="concat2")([x, g])
+    x = layers.Dropout(0.5, name="dropout")(x)
+    outputs = layers.Dense(5, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="zoo")
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 0.5, n),
+                               rng.normal(0, 0.5, n), rng.uniform(0.5, 2, n)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(1).uniform(0, 1, (64, 14, 14, 2)).astype(np.float32)
+
+
+def _run(proto, x):
+    session = onnx_session(proto)
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def test_float_export_matches_keras(model, images):
+    proto = build_onnx(model, "float")
+    types = {node.op_type for node in proto.graph.node}
+    assert {"Conv", "MatMul", "Pad", "MaxPool", "AveragePool", "GlobalAveragePool", "Concat",
+            "Clip", "LeakyRelu", "Elu"} <= types
+    np.testing.assert_allclose(_run(proto, images), model(images).numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def frozen(model, images):
+    config = create_distill_config(
+        model, 'distill_override_layers { layer_name: "grouped" '
+               'distill_weight_quant_config { arq_distill { dst_type: INT4 } } }')
+    qmodel = create_quant_model(model, config)
+    assert set(qmodel.quant_layers) == {"stem", "dw", "project", "grouped", "fc", "logits"}
+    assert qmodel.unsupported == {"sep": "SeparableConv2D: not a Conv2D, DepthwiseConv2D or Dense layer"}
+    from knowledge_distillation.quant.quantize_distill import distill
+
+    distill(qmodel, images, epochs=0)
+    return qmodel
+
+
+def test_fake_quant_onnx_reproduces_tf_simulation(frozen, images):
+    proto = build_onnx(frozen.keras_model, "fake_quant")
+    quant_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quant_nodes) == 2 * len(frozen.quant_layers)  # input and weight of each
+    got = _run(proto, images)
+    expected = frozen.keras_model(images).numpy()
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 0.02 * scale
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.98
+
+
+def test_deploy_runs_integer_kernels_and_matches_fake_quant(frozen, images):
+    fake = build_onnx(frozen.keras_model, "fake_quant")
+    deploy = build_onnx(frozen.keras_model, "deploy")
+    ops = [n.op_type for n in deploy.graph.node]
+    assert ops.count("ConvInteger") == 4 and ops.count("MatMulInteger") == 2
+    assert "DequantizeLinear" not in ops
+    inits = {t.name: t for t in deploy.graph.initializer}
+    for node in deploy.graph.node:
+        if node.op_type in ("ConvInteger", "MatMulInteger"):
+            source = node.input[1]
+            if source not in inits:  # INT4 weights are cast to int8 first
+                cast = next(n for n in deploy.graph.node if n.output[0] == source)
+                assert cast.op_type == "Cast"
+                source = cast.input[0]
+                assert inits[source].data_type == onnx.TensorProto.INT4
+                continue
+            weights = onnx.numpy_helper.to_array(inits[source])
+            assert weights.dtype == np.int8 and np.abs(weights).max() <= 127
+            # the activation operand is int8 too (S8S8: no u8 x s8 saturation)
+            producer = next(n for n in deploy.graph.node if n.output[0] == node.input[0])
+            assert producer.op_type == "QuantizeLinear"
+            zero_point = inits[producer.input[2]]
+            assert zero_point.data_type == onnx.TensorProto.INT8
+    got, reference = _run(deploy, images), _run(fake, images)
+    assert np.abs(got - reference).max() <= 0.02 * np.abs(reference).max()
+    assert np.mean(got.argmax(-1) == reference.argmax(-1)) >= 0.98
+
+
+def test_integer_exact_layers_agree_bitwise(images):
+    """Quantized layers, ReLU6, Add, padding, pooling: no float sum differs."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input((14, 14, 2))
+    x = layers.ZeroPadding2D(1, name="pad")(inputs)
+    x = layers.Conv2D(16, 3, strides=2, use_bias=False, name="stem")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    y = layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    y = layers.Conv2D(16, 1, name="pw")(layers.ReLU(6.0, name="dw_relu")(y))
+    x = layers.MaxPooling2D(name="pool")(layers.Add(name="add")([x, y]))
+    outputs = layers.Dense(7, name="logits")(layers.Flatten(name="flatten")(x))
+    model = keras.Model(inputs, outputs)
+    config = create_distill_config(
+        model, 'distill_override_layers { layer_name: "pw" '
+               'distill_weight_quant_config { arq_distill { dst_type: INT4 } } }')
+    qmodel = create_quant_model(model, config)
+    from knowledge_distillation.quant.quantize_distill import distill
+
+    distill(qmodel, images, epochs=0)
+    expected = qmodel.keras_model(images).numpy()
+    np.testing.assert_array_equal(_run(build_onnx(qmodel.keras_model, "fake_quant"), images), expected)
+    np.testing.assert_array_equal(_run(build_onnx(qmodel.keras_model, "deploy"), images), expected)
+
+
+def test_unfrozen_model_cannot_be_exported(model):
+    qmodel = create_quant_model(model, create_distill_config(model))
+    with pytest.raises(ValueError, match="is not frozen"):
+        build_onnx(qmodel.keras_model, "deploy")
+
+
+def test_mixed_precision_model_is_quantized_in_float32(images):
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    inputs = keras.Input((14, 14, 2))
+    x = layers.Conv2D(4, 3, name="conv")(inputs)
+    x = layers.ReLU(name="relu")(layers.BatchNormalization(name="bn")(x))
+    outputs = layers.Dense(3, name="logits")(layers.Flatten(name="flatten")(x))
+    model = keras.Model(inputs, outputs)
+    qmodel = create_quant_model(model, create_distill_config(model))
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    for layer in qmodel.keras_model.layers + qmodel.teacher_model.layers:
+        assert layer.dtype_policy.name == "float32", layer.name
+    from knowledge_distillation.quant.quantize_distill import distill
+
+    distill(qmodel, images[:32], epochs=1, batch_size=16)
+    assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    expected = qmodel.keras_model(images).numpy()
+    assert expected.dtype == np.float32
+    np.testing.assert_allclose(_run(build_onnx(qmodel.keras_model, "fake_quant"), images),
+                               expected, atol=1e-4 * np.abs(expected).max())
