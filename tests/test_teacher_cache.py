@@ -8,7 +8,7 @@ import pytest
 
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import teacher_cache
-from knowledge_distillation.config import TrainConfig
+from knowledge_distillation.config import DeviceConfig, TrainConfig
 from knowledge_distillation.distiller import Distiller
 from knowledge_distillation.models import build_model
 from knowledge_distillation.train import Trainer
@@ -178,13 +178,13 @@ def test_cached_and_per_step_teacher_train_the_same_student(small_data, teacher)
 
 
 def test_trainer_declares_no_augmentation_and_stores_the_cache(
-    small_data, fashion_mnist_path, tmp_path, caplog
+    fashion_mnist_path, tmp_path, caplog
 ):
     assert Trainer.train_augmentation is None
     config = TrainConfig(
         data_path=fashion_mnist_path, epoch=1, train_size=256, test_size=64,
         output_dir=str(tmp_path), teacher="seed_student", student="seed_student",
-        device=TrainConfig().device.__class__(precision_mode="must_keep_origin_dtype"),
+        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
     )
     with caplog.at_level(logging.INFO):
         Trainer(config).run()
@@ -203,7 +203,7 @@ def test_trainer_with_augmentation_runs_the_teacher_every_step(
     config = TrainConfig(
         data_path=fashion_mnist_path, epoch=1, train_size=256, test_size=64,
         output_dir=str(tmp_path), teacher="seed_student", student="seed_student",
-        device=TrainConfig().device.__class__(precision_mode="must_keep_origin_dtype"),
+        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
     )
     with caplog.at_level(logging.INFO):
         AugmentingTrainer(config).run()
