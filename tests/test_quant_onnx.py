@@ -175,3 +175,24 @@ def test_mixed_precision_model_is_quantized_in_float32(images):
     assert expected.dtype == np.float32
     np.testing.assert_allclose(_run(build_onnx(qmodel.keras_model, "fake_quant"), images),
                                expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_data_dump_distils_from_memory_mapped_files(images, tmp_path):
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((14, 14, 2))
+    x = layers.Conv2D(4, 3, name="conv", activation="relu")(inputs)
+    outputs = layers.Dense(3, name="logits")(layers.Flatten(name="flatten")(x))
+    model = keras.Model(inputs, outputs)
+    config = create_distill_config(model, "data_dump: true")
+    assert config.data_dump
+    from knowledge_distillation.quant import record_to_text
+    from knowledge_distillation.quant.quantize_distill import distill
+
+    records = []
+    for dump_dir in (None, str(tmp_path)):
+        qmodel = create_quant_model(model, config)
+        distill(qmodel, images, epochs=1, batch_size=16, dump_dir=dump_dir)
+        records.append(record_to_text(qmodel.states()))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "block000_input.npy", "block000_target.npy", "block001_input.npy", "block001_target.npy"]
+    assert records[0] == records[1]

@@ -128,10 +128,19 @@ def onnx_logits(model, x, batch_size=256, num_parallel_reads=None):
 
 
 def compare_logits(logits, reference):
-    """Largest absolute logit difference and argmax agreement of two runs."""
+    """How closely `logits` follow `reference` (same images).
+
+    Returns:
+        `max_abs_logit_diff`, `argmax_agreement` (fraction of images with
+        the same top-1 class) and `relative_error`
+        (`mean((logits - reference)^2) / mean(reference^2)`).
+    """
+    logits = np.asarray(logits, np.float64)
+    reference = np.asarray(reference, np.float64)
     return {
-        "max_abs_logit_diff": float(np.max(np.abs(np.asarray(logits) - np.asarray(reference)))),
+        "max_abs_logit_diff": float(np.max(np.abs(logits - reference))),
         "argmax_agreement": float(np.mean(np.argmax(logits, -1) == np.argmax(reference, -1))),
+        "relative_error": float(np.mean((logits - reference) ** 2) / max(np.mean(reference ** 2), 1e-30)),
     }
 
 
@@ -189,8 +198,10 @@ def quantize_model(
     Returns:
         A JSON-serialisable dict: `before` and `after` (top1/top5 of the float
         Keras model and of the fake-quant ONNX model in ONNX Runtime),
-        `tf_simulation` and `deploy` top1/top5, `onnx_vs_tf` and
-        `deploy_vs_fake_quant` (largest logit difference, argmax agreement),
+        `tf_simulation` and `deploy` top1/top5, `vs_float` (the fake-quant
+        model's logits against the float model's: top-1 agreement, relative
+        error), `onnx_vs_tf` and `deploy_vs_fake_quant` (largest logit
+        difference, argmax agreement),
         `sizes` (bytes of float/fake-quant/deploy ONNX), `blocks` (per-block
         losses), `paths`, `seconds`.
     """
@@ -244,6 +255,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
     deploy_logits = onnx_logits(saved["deploy_model"], x_test, num_parallel_reads=num_parallel_reads)
     after = topk_accuracy(fake_logits, y_test)
     logger.info("%s after quantize  top1: %s top5: %s", name, *after)
+    vs_float = compare_logits(fake_logits, float_logits)
+    logger.info("fake-quant vs float model: same top-1 on %.4f of the test images, relative "
+                "logit error %.3g", vs_float["argmax_agreement"], vs_float["relative_error"])
     onnx_vs_tf = compare_logits(fake_logits, sim_logits)
     deploy_vs_fake = compare_logits(deploy_logits, fake_logits)
     logger.info("ONNX Runtime fake-quant vs TF simulation: largest logit difference %.3g, "
@@ -265,6 +279,7 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "after": {"top1": after[0], "top5": after[1]},
         "tf_simulation": dict(zip(("top1", "top5"), topk_accuracy(sim_logits, y_test))),
         "deploy": dict(zip(("top1", "top5"), topk_accuracy(deploy_logits, y_test))),
+        "vs_float": vs_float,
         "onnx_vs_tf": onnx_vs_tf,
         "deploy_vs_fake_quant": deploy_vs_fake,
         "sizes": {"float_onnx_bytes": float_bytes,
