@@ -95,3 +95,13 @@ class CalibrationReader:
 
     def get_next(self):
         return next(self._batches, None)
+
+
+def define_float_model_flags(flags):
+    """The flags that pick (or train) the float model the ONNX benchmarks start from."""
+    flags.DEFINE_string("data_path", "/usr/share/datasets/fashion-mnist", "MNIST-format data folder.")
+    flags.DEFINE_string("model", None, "Float .keras model (default: train --student here).")
+    flags.DEFINE_string("student", "mlp_student", "Zoo model trained when --model is not given.")
+    flags.DEFINE_integer("train_size", None, "Training images (default: all).")
+    flags.DEFINE_integer("train_epochs", 1, "Epochs of the model trained here.")
+    flags.DEFINE_integer("calibration_size", 1024, "Quantizer calibration images.")

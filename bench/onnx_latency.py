@@ -32,14 +32,9 @@ common.quiet_tf()
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_path", "/usr/share/datasets/fashion-mnist", "MNIST-format data folder.")
-flags.DEFINE_string("model", None, "Float .keras model (default: train --student here).")
+common.define_float_model_flags(flags)
 flags.DEFINE_string("float_onnx", None, "A float ONNX file (with --deploy_onnx: no quantizing).")
 flags.DEFINE_string("deploy_onnx", None, "An int8 deploy ONNX file.")
-flags.DEFINE_string("student", "mlp_student", "Zoo model trained when --model is not given.")
-flags.DEFINE_integer("train_size", None, "Training images (default: all).")
-flags.DEFINE_integer("train_epochs", 1, "Epochs of the model trained here.")
-flags.DEFINE_integer("calibration_size", 1024, "Quantizer calibration images.")
 flags.DEFINE_integer("runs", 300, "Timed runs per model, batch size and round.")
 flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 flags.DEFINE_list("batch_sizes", ["1", "32"], "Batch sizes.")

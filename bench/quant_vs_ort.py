@@ -33,13 +33,8 @@ common.quiet_tf()
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_path", "/usr/share/datasets/fashion-mnist", "MNIST-format data folder.")
-flags.DEFINE_string("model", None, "Float .keras model (default: train --student here).")
-flags.DEFINE_string("student", "mlp_student", "Zoo model trained when --model is not given.")
-flags.DEFINE_integer("train_size", None, "Training images (default: all).")
+common.define_float_model_flags(flags)
 flags.DEFINE_integer("test_size", None, "Test images (default: all).")
-flags.DEFINE_integer("train_epochs", 1, "Epochs of the model trained here.")
-flags.DEFINE_integer("calibration_size", 1024, "Calibration images.")
 flags.DEFINE_integer("epochs", 1, "Our block-distillation passes.")
 flags.DEFINE_list("bits", ["INT8", "INT4"], "Weight types.")
 flags.DEFINE_list("ort_methods", ["MinMax", "Entropy"], "ORT calibration methods.")
