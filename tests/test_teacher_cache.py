@@ -177,15 +177,20 @@ def test_cached_and_per_step_teacher_train_the_same_student(small_data, teacher)
                                step_student.predict(x, verbose=0), rtol=1e-2, atol=1e-2)
 
 
+def _tiny_run_config(data_path, output_dir):
+    """A whole trainer run in seconds: 256 images, seed convnets, float32."""
+    return TrainConfig(
+        data_path=data_path, epoch=1, train_size=256, test_size=64,
+        output_dir=str(output_dir), teacher="seed_student", student="seed_student",
+        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
+    )
+
+
 def test_trainer_declares_no_augmentation_and_stores_the_cache(
     fashion_mnist_path, tmp_path, caplog
 ):
     assert Trainer.train_augmentation is None
-    config = TrainConfig(
-        data_path=fashion_mnist_path, epoch=1, train_size=256, test_size=64,
-        output_dir=str(tmp_path), teacher="seed_student", student="seed_student",
-        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
-    )
+    config = _tiny_run_config(fashion_mnist_path, tmp_path)
     with caplog.at_level(logging.INFO):
         Trainer(config).run()
     messages = " ".join(r.getMessage() for r in caplog.records)
@@ -200,11 +205,7 @@ def test_trainer_with_augmentation_runs_the_teacher_every_step(
     class AugmentingTrainer(Trainer):
         train_augmentation = "random crop"
 
-    config = TrainConfig(
-        data_path=fashion_mnist_path, epoch=1, train_size=256, test_size=64,
-        output_dir=str(tmp_path), teacher="seed_student", student="seed_student",
-        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
-    )
+    config = _tiny_run_config(fashion_mnist_path, tmp_path)
     with caplog.at_level(logging.INFO):
         AugmentingTrainer(config).run()
     messages = " ".join(r.getMessage() for r in caplog.records)
