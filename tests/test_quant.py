@@ -130,3 +130,26 @@ def test_int4_learned_rounding_beats_round_to_nearest(trained, data):
     error = {name: compare_logits(keras_logits(q.keras_model, data.x_test), reference)
              for name, q in (("distilled", distilled), ("calibrated", calibrated))}
     assert error["distilled"]["relative_error"] < 0.8 * error["calibrated"]["relative_error"], error
+
+
+def test_block_inputs_carried_forward_match_the_whole_prefix(trained, data):
+    from knowledge_distillation.quant.quantize_distill import CarriedOutputs
+
+    qmodel = create_quant_model(trained, create_distill_config(trained))
+    images = preprocess(data.x_train[:128]).numpy()
+    distill(qmodel, images, epochs=0)
+
+    def from_input(tensor_id):
+        return CarriedOutputs(images).inputs(qmodel, tensor_id)
+
+    carried = CarriedOutputs(images)
+    sources = []
+    for block in qmodel.blocks:
+        tensor_id = qmodel.block_input_id(block)
+        sources.append(len(qmodel.segment_sources(tensor_id, carried.values)))
+        for got, want in zip(carried.inputs(qmodel, tensor_id), from_input(tensor_id)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        carried.add(qmodel.block_output_id(block), *from_input(qmodel.block_output_id(block)))
+    # the block after the residual add starts from two kept tensors (the
+    # skip branch and the previous block's output), not from the image
+    assert max(sources) == 2, (qmodel.blocks, sources)

@@ -171,11 +171,44 @@ class QuantizedModel:
         teacher, student = models
         return teacher, student
 
-    def prefix_models(self, block):
-        """`(float, quantized)` models from the input to `block`'s input."""
-        tensor_id = self.block_input_id(block)
-        return (keras.Model(self.teacher_model.input, self.teacher_tensors[tensor_id]),
-                keras.Model(self.keras_model.input, self.quant_tensors[tensor_id]))
+    def segment_sources(self, tensor_id, known):
+        """The tensors a segment computing `tensor_id` starts from.
+
+        Walks back through the graph from `tensor_id` and stops at the
+        tensors in `known` (ids whose values are at hand) and at the model
+        input: every path to `tensor_id` crosses the returned ids, in the
+        order first met.
+        """
+        sources, seen, stack = [], set(), [tensor_id]
+        while stack:
+            current = stack.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            if current in known or current == self.graph.input_id:
+                sources.append(current)
+                continue
+            stack.extend(reversed(self.graph.by_name[self.graph.producer[current]].inputs))
+        return sources
+
+    def segment_models(self, sources, tensor_id):
+        """Float and quantized models from the `sources` tensors to `tensor_id`.
+
+        Returns `((float_model, float_ids), (quant_model, quant_ids))`: each
+        model takes one input per id of its list, in order. The lists are
+        `sources` less any id whose tensor is the same Keras tensor as an
+        earlier one's (a folded BatchNorm passes its input through in the
+        quantized model).
+        """
+        result = []
+        for tensors in (self.teacher_tensors, self.quant_tensors):
+            ids, inputs = [], []
+            for source in sources:
+                if all(tensors[source] is not x for x in inputs):
+                    ids.append(source)
+                    inputs.append(tensors[source])
+            result.append((keras.Model(inputs, tensors[tensor_id]), ids))
+        return tuple(result)
 
     # -- state --------------------------------------------------------------
 

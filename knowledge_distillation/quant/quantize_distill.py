@@ -18,6 +18,7 @@ per-channel MSE search. With `epochs=0` this is calibration-only
 quantization (round to nearest), the baseline distillation must beat.
 """
 
+import collections
 import logging
 import os
 import time
@@ -42,6 +43,9 @@ ROUND_BETA = (20.0, 2.0)
 # schedule leaves many soft roundings between 0 and 1, and training on them
 # then rounding would lose what was learned (measured on MobileNetV2 INT4).
 ROUND_HARD_FROM = 0.7
+# Block outputs (float and quantized) kept in memory for the blocks after
+# them; memory-mapped dumps do not count.
+CARRY_BYTES = 1 << 30
 
 
 class RoundingSchedule(keras.callbacks.Callback):
@@ -83,12 +87,19 @@ class RoundingSchedule(keras.callbacks.Callback):
 def predict(model, x, batch_size=256):
     """`model(x)` in inference mode, batched, as a NumPy array.
 
+    `x` is an array, or a list of arrays for a model with several inputs.
     Runs eagerly: a quantized layer's frozen/unfrozen switch is a Python
     attribute, which a cached `predict` trace would not see change.
     """
+    if isinstance(x, list):
+        n = len(x[0])
+        batch = lambda i: [np.asarray(a[i:i + batch_size]) for a in x]  # noqa: E731
+    else:
+        n = len(x)
+        batch = lambda i: np.asarray(x[i:i + batch_size])  # noqa: E731
     return np.concatenate([
-        keras.ops.convert_to_numpy(model(np.asarray(x[i:i + batch_size]), training=False))
-        for i in range(0, len(x), batch_size)])
+        keras.ops.convert_to_numpy(model(batch(i), training=False))
+        for i in range(0, n, batch_size)])
 
 
 def relative_error(x, reference):
@@ -116,6 +127,50 @@ def _dataset(x, t, batch_size, seed):
     spec = ((tf.TensorSpec((None,) + x.shape[1:], tf.float32),
              tf.TensorSpec((None,) + t.shape[1:], tf.float32)),)
     return tf.data.Dataset.from_generator(batches, output_signature=spec).prefetch(2)
+
+
+class CarriedOutputs:
+    """Float and quantized block outputs kept for the blocks after them.
+
+    A block's input is computed from the nearest tensors whose values are
+    at hand (the outputs of the blocks before it, else the model input), so
+    a chain of blocks costs one pass of each block, not a pass of the whole
+    prefix per block. The oldest outputs are dropped beyond `max_bytes`
+    (a residual branch reaching further back is then recomputed from the
+    model input or the outputs still kept).
+    """
+
+    def __init__(self, images, max_bytes=CARRY_BYTES):
+        self.images = images
+        self.max_bytes = max_bytes
+        self.values = collections.OrderedDict()
+
+    def add(self, tensor_id, float_value, quant_value):
+        self.values[tensor_id] = (float_value, quant_value)
+        self.values.move_to_end(tensor_id)
+        while len(self.values) > 1 and self._bytes() > self.max_bytes:
+            self.values.popitem(last=False)
+
+    def _bytes(self):
+        return sum(np.asarray(v).nbytes for pair in self.values.values() for v in pair
+                   if not isinstance(v, np.memmap))
+
+    def inputs(self, qmodel, tensor_id):
+        """`(float, quantized)` values of the tensor `tensor_id`."""
+        if tensor_id == qmodel.graph.input_id:
+            return self.images, self.images
+        if tensor_id in self.values:
+            return self.values[tensor_id]
+        sources = qmodel.segment_sources(tensor_id, self.values)
+        (float_model, float_ids), (quant_model, quant_ids) = qmodel.segment_models(
+            sources, tensor_id)
+        return (predict(float_model, [self._value(qmodel, s, 0) for s in float_ids]),
+                predict(quant_model, [self._value(qmodel, s, 1) for s in quant_ids]))
+
+    def _value(self, qmodel, tensor_id, which):
+        if tensor_id == qmodel.graph.input_id:
+            return self.images
+        return self.values[tensor_id][which]
 
 
 def calibrate_block(student, x_in, batch_size, batch_num):
@@ -195,15 +250,11 @@ def _distill(qmodel, images, epochs, batch_size, batch_num, max_input_drift, lea
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
     reports = []
+    carried = CarriedOutputs(images)
     total = len(qmodel.blocks)
     for index, block in enumerate(qmodel.blocks):
         start = time.perf_counter()
-        if qmodel.block_input_id(block) == qmodel.graph.input_id:
-            x_float = x_quant = images
-        else:
-            float_prefix, quant_prefix = qmodel.prefix_models(block)
-            x_float = predict(float_prefix, images)
-            x_quant = predict(quant_prefix, images)
+        x_float, x_quant = carried.inputs(qmodel, qmodel.block_input_id(block))
         drift = relative_error(x_quant, x_float)
         use_float = drift > max_input_drift
         x_in = x_float if use_float else x_quant
@@ -224,16 +275,22 @@ def _distill(qmodel, images, epochs, batch_size, batch_num, max_input_drift, lea
             kept = "distilled"
         for layer in layers:
             layer.freeze()
-        loss_after = mse(predict(student, x_in), target)
+        y_student = predict(student, x_in)
+        loss_after = mse(y_student, target)
         if kept == "distilled" and loss_after > loss_before:
             for layer in layers:
                 layer.freeze(calibrated[layer.name])
             distilled_loss = loss_after
-            loss_after = mse(predict(student, x_in), target)
+            y_student = predict(student, x_in)
+            loss_after = mse(y_student, target)
             kept = "calibrated"
             logger.warning(
                 "block %s: distillation raised the loss (%.4g -> %.4g); keeping the "
                 "calibrated factors (loss %.4g)", block, loss_before, distilled_loss, loss_after)
+        # The quantized model's output of the block is the student on the
+        # quantized input, whichever input it learned from.
+        carried.add(qmodel.block_output_id(block), target,
+                    predict(student, x_quant) if use_float else y_student)
         seconds = time.perf_counter() - start
         source = "float input" if use_float else "quantized predecessor"
         relation = ">" if use_float else "<="
