@@ -44,11 +44,18 @@ flags.DEFINE_integer("batch_size", 32, "Batch size.")
 flags.DEFINE_integer("seed", 42, "Seed of weights and shuffling.")
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA for our student step.")
 flags.DEFINE_string("cache_dir", None, "Teacher cache folder (default: a temporary one).")
-flags.DEFINE_integer("steps_per_execution", 1,
-                     "Keras steps_per_execution of our student step (1: the trainer's).")
+flags.DEFINE_integer("steps_per_execution", None,
+                     "Keras steps_per_execution of our student step (default: the trainer's "
+                     "default on GPU/CPU).")
 flags.DEFINE_string("ours_policy", "mixed_bfloat16",
                     "Dtype policy of our teacher pass and student: the trainer's default "
                     "(allow_mix_precision) is mixed_bfloat16 on CPUs; the baseline is float32.")
+
+
+def _steps_per_execution():
+    from knowledge_distillation.config import DEFAULT_STEPS_PER_EXECUTION
+
+    return FLAGS.steps_per_execution or DEFAULT_STEPS_PER_EXECUTION
 
 
 def _jit():
@@ -114,7 +121,7 @@ def main(argv):
         cache_seconds = time.perf_counter() - start
         ours = compile_distiller(
             Distiller(teacher=our_teacher, student=our_student, teacher_outputs_in_data=True),
-            jit_compile=_jit(), steps_per_execution=FLAGS.steps_per_execution)
+            jit_compile=_jit(), steps_per_execution=_steps_per_execution())
         our_ds = train_ds(cached.column()).map(cached.lookup)
         base_ds = train_ds()
         # The input pipeline alone (gather, preprocess, teacher rows,
@@ -148,7 +155,7 @@ def main(argv):
                    "teacher_epochs": 0 if FLAGS.teacher_model else FLAGS.teacher_epochs,
                    "epochs": FLAGS.epochs, "batch_size": bs, "seed": FLAGS.seed,
                    "jit_compile": FLAGS.jit_compile,
-                   "steps_per_execution": FLAGS.steps_per_execution,
+                   "steps_per_execution": _steps_per_execution(),
                    "baseline_policy": "float32", "ours_policy": FLAGS.ours_policy},
         "machine": common.machine(),
         "teacher_train_seconds": teacher_seconds,

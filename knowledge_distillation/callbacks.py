@@ -12,7 +12,10 @@ logger = logging.getLogger(__name__)
 class ThroughputLogger(keras.callbacks.Callback):
     """Logs examples/sec every `log_steps` steps, like ModelZoo's TimeHistory.
 
-    The whole-fit figure excludes the first step, which includes tracing.
+    The whole-fit figure excludes the first call, which includes tracing,
+    unless it was the only one (a fit of one compiled call).
+    With Keras `steps_per_execution` > 1 each batch callback spans several
+    steps (`begin` to `end`), and they are all counted.
 
     Args:
         batch_size: examples per step.
@@ -28,10 +31,12 @@ class ThroughputLogger(keras.callbacks.Callback):
         self.steps = 0
         self.timed_steps = 0
         self.timed_seconds = 0.0
+        self.all_seconds = 0.0
         self.fit_seconds = 0.0
         self._window_start = None
         self._window_steps = 0
         self._step_start = None
+        self._begin = 0
         self._fit_start = None
 
     def on_train_begin(self, logs=None):
@@ -39,16 +44,19 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         self._step_start = time.perf_counter()
+        self._begin = batch
         if self._window_start is None:
             self._window_start = self._step_start
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
+        steps = batch - self._begin + 1
         if self.steps > 0:
-            self.timed_steps += 1
+            self.timed_steps += steps
             self.timed_seconds += now - self._step_start
-        self.steps += 1
-        self._window_steps += 1
+        self.steps += steps
+        self.all_seconds += now - self._step_start
+        self._window_steps += steps
         if self._window_steps >= self.log_steps:
             elapsed = now - self._window_start
             logger.info(
@@ -70,9 +78,9 @@ class ThroughputLogger(keras.callbacks.Callback):
 
     @property
     def examples_per_sec(self):
-        """Mean training throughput over all steps but the first."""
+        """Mean training throughput over all calls but the first (if others ran)."""
         if self.timed_steps == 0:
-            return 0.0
+            return self.steps * self.batch_size / self.all_seconds if self.steps else 0.0
         return self.timed_steps * self.batch_size / self.timed_seconds
 
 

@@ -15,6 +15,7 @@ from absl import flags
 
 from knowledge_distillation.config import (
     DEFAULT_DATA_PATH,
+    DEFAULT_STEPS_PER_EXECUTION,
     PRECISION_MODES,
     DeviceConfig,
     DistributeConfig,
@@ -87,6 +88,11 @@ def define_flags(fv):
     flags.DEFINE_boolean(
         "cache_teacher", True,
         "Compute teacher logits once instead of on every step.", flag_values=fv)
+    flags.DEFINE_integer(
+        "steps_per_execution", None,
+        "Training steps per compiled call (default: %d on GPU/CPU, 1 on Ascend and with "
+        "--data_dump_flag, --over_dump or --profiling, which look at every step)."
+        % DEFAULT_STEPS_PER_EXECUTION, flag_values=fv)
     flags.DEFINE_boolean("quantize", False, "Quantize the distilled student at the end.", flag_values=fv)
     define_device_flags(fv)
     define_distribute_flags(fv)

@@ -32,7 +32,7 @@ import tensorflow as tf
 from knowledge_distillation import device_callbacks
 from knowledge_distillation import device_fusion
 from knowledge_distillation import device_precision
-from knowledge_distillation.config import DeviceConfig
+from knowledge_distillation.config import DEFAULT_STEPS_PER_EXECUTION, DeviceConfig
 from knowledge_distillation.device_probe import StepProbe
 
 logger = logging.getLogger(__name__)
@@ -275,6 +275,39 @@ class DeviceSession:
         if self._xla_off_reasons():
             return {"jit_compile": False}
         return {}
+
+    def steps_per_execution(self, requested=None):
+        """Training steps per compiled call, and why.
+
+        `requested` (the flag) wins, except where a callback inspects every
+        step (data dump, overflow detection, the profiler window), which
+        needs 1. Left unset: 1 on Ascend (npu_device runs the loop) and with
+        those callbacks, else `DEFAULT_STEPS_PER_EXECUTION`.
+
+        Returns:
+            `(steps, reason)`.
+
+        Raises:
+            ValueError: `requested` > 1 with a per-step callback on.
+        """
+        per_step = self._per_step_flags()
+        if requested is not None:
+            if requested > 1 and per_step:
+                raise ValueError(
+                    f"--steps_per_execution {requested}: {', '.join(per_step)} inspects "
+                    "every training step and needs --steps_per_execution 1")
+            return requested, "--steps_per_execution"
+        if self.on_npu:
+            return 1, "npu_device runs the training loop"
+        if per_step:
+            return 1, f"{', '.join(per_step)} inspects every step"
+        return DEFAULT_STEPS_PER_EXECUTION, "default on GPU/CPU"
+
+    def _per_step_flags(self):
+        if self.on_npu:
+            return []
+        names = ("data_dump_flag", "over_dump", "profiling")
+        return [f"--{name}" for name in names if getattr(self.config, name)]
 
     def _xla_off_reasons(self):
         reasons = []

@@ -95,11 +95,12 @@ def _optimizer(config, steps_per_epoch, epochs, session):
     return session.wrap_optimizer(keras.optimizers.Adam(schedule))
 
 
-def _classifier_compile(model, optimizer, session):
+def _classifier_compile(model, optimizer, session, steps_per_execution=1):
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        steps_per_execution=steps_per_execution,
         **session.compile_kwargs(),
     )
 
@@ -129,6 +130,7 @@ class Trainer:
         self.session = None
         self.data = None
         self.steps_per_epoch = None
+        self.steps_per_execution = 1
 
     # -- data ------------------------------------------------------------
     # The training pipeline's random augmentation, if any (None: data.make_dataset
@@ -252,7 +254,8 @@ class Trainer:
                 "or a positive --teacher_epoch"
             )
         _classifier_compile(
-            model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session), self.session
+            model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session),
+            self.session, self.steps_per_execution,
         )
         stats = self._fit(phase, model, model, self._train_ds(), cfg.teacher_epochs)
         return model, {"trained": True, **stats}
@@ -264,7 +267,8 @@ class Trainer:
         if model is not None:
             return model, {"resumed": True}
         model = self._fresh_student()
-        _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session), self.session)
+        _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
+                            self.session, self.steps_per_execution)
         stats = self._fit(phase, model, model, self._train_ds(), cfg.epoch)
         return model, stats
 
@@ -299,6 +303,7 @@ class Trainer:
             metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
             alpha=cfg.alpha,
             temperature=cfg.temperature,
+            steps_per_execution=self.steps_per_execution,
             **self.session.compile_kwargs(),
         )
         # BackupAndRestore needs a built model; one batch builds it.
@@ -312,6 +317,18 @@ class Trainer:
         ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512)
         logits = teacher.predict(self.dist.shard(ds.map(lambda x, y: x), training=False), verbose=0)
         return np.asarray(logits, dtype=np.float32)
+
+    def _steps_per_execution(self):
+        requested = self.config.steps_per_execution
+        if self.config.distribute.distributed:
+            # Keras 3.15's multi-step loop under a tf.distribute strategy
+            # fails at run time (an unfed placeholder in its while loop).
+            if requested is not None and requested > 1:
+                raise ValueError(
+                    f"--steps_per_execution {requested}: Keras cannot run several steps "
+                    "per call under --distributed; use --steps_per_execution 1")
+            return 1, "--distributed"
+        return self.session.steps_per_execution(requested)
 
     # -- the run ---------------------------------------------------------
     def run(self):
@@ -332,6 +349,8 @@ class Trainer:
         wall_start = time.perf_counter()
         os.makedirs(cfg.output_dir, exist_ok=True)
         self.session = setup_device(cfg.device, cfg.output_dir)
+        self.steps_per_execution, why = self._steps_per_execution()
+        logger.info("training: %d steps per compiled call (%s)", self.steps_per_execution, why)
         self.data = data_lib.load_data(
             cfg.data_path, cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size
         )

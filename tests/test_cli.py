@@ -52,6 +52,10 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
     assert summary["teacher"]["accuracy"] > 0.5
     assert "distilled student  test accuracy" in result.stdout
     assert (out / "train.log").read_text().count("test accuracy") == 3
+    # 32 steps per compiled call by default on CPU; the throughput log still
+    # counts every step (1024 images / 32 = 32 steps per epoch)
+    assert "training: 32 steps per compiled call (default on GPU/CPU)" in result.stdout
+    assert "teacher: step 64," in result.stdout
 
 
 def test_distilled_student_saves_alone_and_reloads_with_its_accuracy(finished_run, small_data):
@@ -125,6 +129,11 @@ def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mni
         (["--precision_mode=fp8"], "precision_mode"),
         (["--teacher_model=/nonexistent/t.keras"], "--teacher_model: /nonexistent/t.keras does not exist"),
         (["--teacher=resnet"], "unknown model 'resnet'"),
+        (["--steps_per_execution=0"], "--steps_per_execution must be positive, got 0"),
+        (["--steps_per_execution=4", "--over_dump"],
+         "--steps_per_execution 4: --over_dump inspects every training step"),
+        (["--steps_per_execution=4", "--distributed"],
+         "--steps_per_execution 4: Keras cannot run several steps per call under --distributed"),
     ],
 )
 def test_bad_input_is_one_clear_error_line_and_nonzero_exit(args, expected, tmp_path):

@@ -529,6 +529,24 @@ def test_cpu_default_compile_kwargs_leave_keras_auto(tmp_path):
     assert setup_device(DeviceConfig(), str(tmp_path)).compile_kwargs() == {}
 
 
+def test_steps_per_execution_is_one_wherever_a_callback_inspects_every_step(tmp_path):
+    plain = setup_device(DeviceConfig(), str(tmp_path))
+    assert plain.steps_per_execution() == (32, "default on GPU/CPU")
+    assert plain.steps_per_execution(4) == (4, "--steps_per_execution")
+    for flag in ("data_dump_flag", "over_dump", "profiling"):
+        session = setup_device(DeviceConfig(**{flag: True}), str(tmp_path / flag))
+        steps, why = session.steps_per_execution()
+        assert steps == 1 and f"--{flag}" in why
+        assert session.steps_per_execution(1)[0] == 1
+        with pytest.raises(ValueError, match=f"--steps_per_execution 8: --{flag} inspects"):
+            session.steps_per_execution(8)
+
+
+def test_npu_leaves_the_training_loop_to_npu_device(npu, tmp_path):
+    session = setup_device(DeviceConfig(over_dump=True), str(tmp_path))
+    assert session.steps_per_execution() == (1, "npu_device runs the training loop")
+
+
 # -- output paths and dump steps ------------------------------------------------
 
 

@@ -104,6 +104,20 @@ def test_cached_teacher_outputs_train_like_the_per_step_teacher(small_data):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_several_steps_per_compiled_call_train_like_one(small_data):
+    results = []
+    for steps in (1, 8):
+        teacher, student = _models(small_data, seed=7)
+        d = _compiled(teacher, student, alpha=0.1, temperature=10.0, steps_per_execution=steps)
+        ds = data_lib.make_dataset(small_data.x_train, small_data.y_train, 32, shuffle=True, seed=3)
+        history = d.fit(ds, epochs=2, verbose=0)
+        assert int(d.optimizer.iterations.numpy()) == 2 * len(ds)
+        results.append((student.get_weights(), history.history["loss"]))
+    for a, b in zip(results[0][0], results[1][0]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-4)
+
+
 def test_accepts_keras_distillation_loss_objects(small_data):
     teacher, student = _models(small_data)
     x, y = _batch(small_data)

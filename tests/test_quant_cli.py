@@ -47,7 +47,8 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     proc = _run(["--model", model_path, "--data_path", fashion_mnist_path,
                  "--config_defination", str(config), "--calibration_size", "128",
                  "--test_size", "300", "--batch_size", "32", "--num_parallel_reads", "2",
-                 "--output_dir", str(out), "--distributed"], cwd=tmp_path)
+                 "--output_dir", str(out), "--distributed",
+                 "--deploy_activation_dtype", "uint8"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     before = [l for l in lines if l.startswith("[INFO] tiny before quantize top1:")]
@@ -61,6 +62,9 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     assert summary["config"]["batch_size"] == 32 and summary["test_size"] == 300
     assert float(after[0].split("top1:")[1].split()[0]) == summary["after"]["top1"]
     assert summary["after"]["top1"] >= summary["before"]["top1"] - 0.02
+    assert summary["deploy_activation_dtype"] == "uint8"
+    assert summary["config"]["deploy_activation_dtype"] == "uint8"
+    assert "deploy model (uint8 activations) written to" in proc.stdout
     # One CPU device: --distributed is a logged one-replica run (see distribute.py).
     assert "--distributed with a single device: running one replica" in proc.stdout
 
@@ -70,6 +74,8 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     (["--model", "missing.keras"], 1, "--model: missing.keras does not exist"),
     (["--model", "{model}", "--config_defination", "{bad}"], 1, "bad.cfg:1:1 : .*no field named"),
     (["--model", "{model}", "--batch_size", "0"], 2, "--batch_size must be positive"),
+    (["--model", "{model}", "--deploy_activation_dtype", "int4"], 2,
+     "error: flag --deploy_activation_dtype=int4: value should be one of <auto|int8|uint8>"),
 ])
 def test_cli_errors(model_path, tmp_path, args, code, message):
     bad = tmp_path / "bad.cfg"

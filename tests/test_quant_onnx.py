@@ -1,5 +1,7 @@
 """ONNX export: float, fake-quant and deploy models against Keras and each other."""
 
+import logging
+
 import keras
 import numpy as np
 import onnx
@@ -12,6 +14,7 @@ from knowledge_distillation.quant import (
     create_quant_model,
     onnx_session,
 )
+from knowledge_distillation.quant import quantize_onnx
 
 
 def _model():
@@ -196,3 +199,121 @@ def test_data_dump_distils_from_memory_mapped_files(images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "block000_input.npy", "block000_target.npy", "block001_input.npy", "block001_target.npy"]
     assert records[0] == records[1]
+
+
+def _integer_op_operands(proto):
+    """(activation zero point, activation producer, weight source) of each integer op."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    producers = {n.output[0]: n for n in proto.graph.node}
+    for node in proto.graph.node:
+        if node.op_type in ("ConvInteger", "MatMulInteger"):
+            weight = inits.get(node.input[1])
+            if weight is None:  # INT4 weights, cast to int8
+                cast = producers[node.input[1]]
+                assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.INT8
+                weight = inits[cast.input[0]]
+            yield inits[node.input[2]], producers[node.input[0]], inits, weight
+
+
+def test_uint8_and_int8_deploy_activations_give_identical_logits(small_data):
+    """On Fashion-MNIST: the uint8 model (zero point + 128) is the int8 model, bitwise."""
+    from knowledge_distillation.data import preprocess
+    from knowledge_distillation.quant.quantize_distill import distill
+
+    keras.utils.set_random_seed(11)
+    inputs = keras.Input(small_data.input_shape)
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = layers.ReLU(name="conv_relu")(layers.BatchNormalization(name="conv_bn")(x))
+    x = layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(x)
+    x = layers.Conv2D(8, 1, name="pw", activation="relu")(x)
+    x = layers.Flatten(name="flatten")(layers.MaxPooling2D(name="pool")(x))
+    outputs = layers.Dense(small_data.num_classes, name="logits")(x)
+    model = keras.Model(inputs, outputs)
+    config = create_distill_config(
+        model, 'distill_override_layers { layer_name: "pw" '
+               'distill_weight_quant_config { arq_distill { dst_type: INT4 } } }')
+    qmodel = create_quant_model(model, config)
+    distill(qmodel, preprocess(small_data.x_train[:256]).numpy(), epochs=0)
+    offsets = {name: state.offset_d for name, state in qmodel.states().items()}
+    assert any(offset != -128 for offset in offsets.values()), offsets  # signed inputs too
+
+    int8 = build_onnx(qmodel.keras_model, "deploy")
+    uint8 = build_onnx(qmodel.keras_model, "deploy", activation_dtype="uint8")
+    for proto, dtype in ((int8, onnx.TensorProto.INT8), (uint8, onnx.TensorProto.UINT8)):
+        operands = list(_integer_op_operands(proto))
+        assert len(operands) == 4
+        for zero_point, producer, inits, weight in operands:
+            assert zero_point.data_type == dtype
+            assert producer.op_type == "QuantizeLinear"
+            assert inits[producer.input[2]].name == zero_point.name  # quantized with it
+            assert weight.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT4)
+    zero_points = sorted(int(onnx.numpy_helper.to_array(z)) for z, *_ in _integer_op_operands(uint8))
+    assert zero_points == sorted(offset + 128 for offset in offsets.values())
+
+    images = preprocess(small_data.x_test).numpy()
+    got = _run(uint8, images)
+    np.testing.assert_array_equal(got, _run(int8, images))
+    np.testing.assert_array_equal(got, qmodel.keras_model(images).numpy())
+
+
+def test_activation_dtype_is_checked(frozen):
+    with pytest.raises(ValueError, match="activation_dtype must be one of int8, uint8, got 'auto'"):
+        build_onnx(frozen.keras_model, "deploy", activation_dtype="auto")
+    with pytest.raises(ValueError, match="deploy model only, not to the fake_quant model"):
+        build_onnx(frozen.keras_model, "fake_quant", activation_dtype="uint8")
+
+
+@pytest.mark.parametrize("flags, machine, requested, expected, warns", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "auto", "uint8", False),
+    ({"avx2", "avx_vnni"}, "x86_64", "auto", "uint8", False),
+    ({"avx2", "fma"}, "x86_64", "auto", "int8", False),
+    ({"avx2", "fma"}, "x86_64", "uint8", "uint8", True),
+    ({"avx2", "fma"}, "x86_64", "int8", "int8", False),
+    ({"avx512_vnni"}, "x86_64", "int8", "int8", False),
+    ({"asimd", "asimddp"}, "aarch64", "auto", "int8", False),
+    ({"asimd", "asimddp"}, "aarch64", "uint8", "uint8", False),
+])
+def test_deploy_activation_dtype_follows_the_cpu(caplog, flags, machine, requested, expected,
+                                                 warns):
+    with caplog.at_level(logging.INFO, logger="knowledge_distillation"):
+        assert quantize_onnx.deploy_activation_dtype(requested, cpu_flags=flags,
+                                                     machine=machine) == expected
+    records = [r for r in caplog.records if r.name == quantize_onnx.logger.name]
+    assert len(records) == 1 and f"{expected} activations" in records[0].getMessage()
+    assert (records[0].levelno == logging.WARNING) == warns
+    if warns:
+        assert "saturate" in records[0].getMessage()
+
+
+def test_deploy_activation_dtype_reads_cpuinfo(caplog, monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512_vnni\n")
+    monkeypatch.setattr(quantize_onnx, "CPUINFO", str(cpuinfo))
+    assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "uint8"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
+    assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "int8"
+    # flags unreadable (not Linux): int8, the safe choice, and uint8 without a warning
+    monkeypatch.setattr(quantize_onnx, "CPUINFO", str(tmp_path / "missing"))
+    caplog.clear()  # earlier tests may leave the logger at INFO: drop the two lines above
+    with caplog.at_level(logging.INFO, logger="knowledge_distillation"):
+        assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "int8"
+        assert quantize_onnx.deploy_activation_dtype("uint8", machine="AMD64") == "uint8"
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == quantize_onnx.logger.name]
+    assert len(messages) == 2 and all(level == logging.INFO for level, _ in messages)
+    assert "cannot be read" in messages[0][1]
+    with pytest.raises(ValueError, match="deploy activation dtype must be one of auto, int8, "
+                                         "uint8, got 'int4'"):
+        quantize_onnx.deploy_activation_dtype("int4")
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (64, 128)])
+def test_int4_initializers_are_packed_two_per_byte(shape):
+    values = np.random.default_rng(0).integers(-7, 8, size=shape)
+    builder = quantize_onnx._Builder()
+    builder.int4_const("w", values)
+    (tensor,) = builder.initializers
+    assert tensor.data_type == onnx.TensorProto.INT4
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values)
+    assert len(tensor.raw_data) == -(-values.size // 2)

@@ -37,7 +37,7 @@ from knowledge_distillation.quant.quantize_config import (
 )
 from knowledge_distillation.quant.quantize_distill import distill
 from knowledge_distillation.quant.quantize_layers import QuantizedLayer, QuantState
-from knowledge_distillation.quant.quantize_onnx import build_onnx, save_onnx
+from knowledge_distillation.quant.quantize_onnx import build_onnx, deploy_activation_dtype, save_onnx
 from knowledge_distillation.quant.quantize_record import (
     load_record,
     parse_record,
@@ -56,6 +56,7 @@ __all__ = [
     "compare_logits",
     "create_distill_config",
     "create_quant_model",
+    "deploy_activation_dtype",
     "distill",
     "keras_logits",
     "load_record",

@@ -9,7 +9,8 @@ The steps follow AMCT's sample, each usable alone:
    block;
 4. `save_quant_model(qmodel, output_dir, name)` writes
    `tmp/scale_offset_record.txt`, `result/<name>_fake_quant_model.onnx`
-   and `result/<name>_deploy_model.onnx`.
+   and `result/<name>_deploy_model.onnx` (its activations int8 or uint8, as
+   suits this CPU: see `quantize_onnx.deploy_activation_dtype`).
 
 `quantize_model` runs them all on an `ImageData`, evaluates the float model
 (Keras) and the fake-quant model (ONNX Runtime) on the test split, checks the
@@ -49,32 +50,39 @@ def output_paths(output_dir, name):
     }
 
 
-def save_quant_model(qmodel, output_dir, name):
+def save_quant_model(qmodel, output_dir, name, activation_dtype="auto"):
     """Writes the record and the fake-quant and deploy ONNX models.
 
     Args:
         qmodel: a frozen `QuantizedModel` (distilled, or with a record applied).
         output_dir: the run's folder (`tmp/` and `result/` go under it).
         name: file name stem of the ONNX models.
+        activation_dtype: the deploy model's activations: "int8", "uint8"
+            (same logits, different ONNX Runtime kernels) or "auto" (uint8
+            on an x86-64 CPU with VNNI, else int8); see
+            `quantize_onnx.deploy_activation_dtype`. Defaults to "auto".
 
     Returns:
         `{"record": path, "fake_quant_model": path, "deploy_model": path,
-        "fake_quant_bytes": int, "deploy_bytes": int}`.
+        "fake_quant_bytes": int, "deploy_bytes": int,
+        "deploy_activation_dtype": "int8" or "uint8"}`.
     """
     if not qmodel.frozen:
         raise ValueError("the quantized model is not frozen: run distill() or apply_record() first")
+    activation_dtype = quantize_onnx.deploy_activation_dtype(activation_dtype)
     paths = output_paths(output_dir, name)
     save_record(paths["record"], qmodel.states())
-    result = {"record": paths["record"]}
+    result = {"record": paths["record"], "deploy_activation_dtype": activation_dtype}
     for mode in ("fake_quant", "deploy"):
-        model = quantize_onnx.build_onnx(qmodel.keras_model, mode, name=f"{name}_{mode}")
+        kwargs = {"activation_dtype": activation_dtype} if mode == "deploy" else {}
+        model = quantize_onnx.build_onnx(qmodel.keras_model, mode, name=f"{name}_{mode}", **kwargs)
         result[f"{mode}_bytes"] = quantize_onnx.save_onnx(model, paths[f"{mode}_model"])
         result[f"{mode}_model"] = paths[f"{mode}_model"]
     logger.info("record written to %s", paths["record"])
     logger.info("fake-quant model written to %s (%d bytes)", result["fake_quant_model"],
                 result["fake_quant_bytes"])
-    logger.info("deploy model written to %s (%d bytes)", result["deploy_model"],
-                result["deploy_bytes"])
+    logger.info("deploy model (%s activations) written to %s (%d bytes)", activation_dtype,
+                result["deploy_model"], result["deploy_bytes"])
     return result
 
 
@@ -167,6 +175,7 @@ def quantize_model(
     max_input_drift=0.1,
     seed=0,
     num_parallel_reads=None,
+    activation_dtype="auto",
 ):
     """Quantizes a float Keras model by block distillation and evaluates it.
 
@@ -194,6 +203,9 @@ def quantize_model(
         max_input_drift: see `distill`. Defaults to 0.1.
         seed: seed of the calibration sample and of training. Defaults to 0.
         num_parallel_reads: threads of the evaluation input pipelines.
+        activation_dtype: the deploy model's activations, "auto" (uint8 on
+            an x86-64 CPU with VNNI, else int8), "int8" or "uint8"; see
+            `save_quant_model`. Defaults to "auto".
 
     Returns:
         A JSON-serialisable dict: `before` and `after` (top1/top5 of the float
@@ -202,9 +214,11 @@ def quantize_model(
         model's logits against the float model's: top-1 agreement, relative
         error), `onnx_vs_tf` and `deploy_vs_fake_quant` (largest logit
         difference, argmax agreement),
-        `sizes` (bytes of float/fake-quant/deploy ONNX), `blocks` (per-block
-        losses), `paths`, `seconds`.
+        `sizes` (bytes of float/fake-quant/deploy ONNX),
+        `deploy_activation_dtype` (the resolved "int8" or "uint8"), `blocks`
+        (per-block losses), `paths`, `seconds`.
     """
+    quantize_onnx.check_requested_activation_dtype(activation_dtype)
     name = name or model.name
     paths = output_paths(output_dir, name)
     os.makedirs(os.path.dirname(paths["log"]), exist_ok=True)
@@ -218,14 +232,15 @@ def quantize_model(
         with float32_policy():
             return _quantize(model, data, output_dir, name, paths, batch_size, calibration_size,
                              config_text, config_source, epochs, max_input_drift, seed,
-                             num_parallel_reads)
+                             num_parallel_reads, activation_dtype)
     finally:
         package_logger.removeHandler(handler)
         handler.close()
 
 
 def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size, config_text,
-              config_source, epochs, max_input_drift, seed, num_parallel_reads):
+              config_source, epochs, max_input_drift, seed, num_parallel_reads,
+              activation_dtype):
     start = time.perf_counter()
     x_test, y_test = data.x_test, data.y_test
     logger.info("quantizing %s: %d calibration images from %s train, %d test images",
@@ -247,7 +262,7 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         qmodel, images, epochs=epochs, batch_size=batch_size,
         max_input_drift=max_input_drift, seed=seed, dump_dir=dump_dir)
     distill_seconds = time.perf_counter() - distill_start
-    saved = save_quant_model(qmodel, output_dir, name)
+    saved = save_quant_model(qmodel, output_dir, name, activation_dtype)
 
     float_bytes = len(quantize_onnx.build_onnx(qmodel.teacher_model, "float").SerializeToString())
     sim_logits = keras_logits(qmodel.keras_model, x_test, num_parallel_reads=num_parallel_reads)
@@ -265,8 +280,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
                 onnx_vs_tf["argmax_agreement"])
     logger.info("deploy vs fake-quant: largest logit difference %.3g, argmax agreement %.4f",
                 deploy_vs_fake["max_abs_logit_diff"], deploy_vs_fake["argmax_agreement"])
-    logger.info("deploy model %d bytes, %.2fx smaller than the float ONNX model (%d bytes)",
-                saved["deploy_bytes"], float_bytes / saved["deploy_bytes"], float_bytes)
+    logger.info("deploy model (%s activations) %d bytes, %.2fx smaller than the float ONNX "
+                "model (%d bytes)", saved["deploy_activation_dtype"], saved["deploy_bytes"],
+                float_bytes / saved["deploy_bytes"], float_bytes)
     weight_types = sorted({layer.weight_dst_type for layer in config.layers.values()
                            if layer.quant_enable})
     return {
@@ -282,6 +298,7 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "vs_float": vs_float,
         "onnx_vs_tf": onnx_vs_tf,
         "deploy_vs_fake_quant": deploy_vs_fake,
+        "deploy_activation_dtype": saved["deploy_activation_dtype"],
         "sizes": {"float_onnx_bytes": float_bytes,
                   "fake_quant_bytes": saved["fake_quant_bytes"],
                   "deploy_bytes": saved["deploy_bytes"]},

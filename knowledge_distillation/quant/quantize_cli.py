@@ -3,7 +3,8 @@
 ```
 python -m knowledge_distillation.quant --model PATH.keras \\
     [--data_path DIR] [--config_defination FILE] [--batch_size 32] \\
-    [--num_parallel_reads 4] [--calibration_size 1024] [--output_dir D]
+    [--num_parallel_reads 4] [--calibration_size 1024] [--output_dir D] \\
+    [--deploy_activation_dtype auto|int8|uint8]
 ```
 
 It prints AMCT's two lines,
@@ -29,12 +30,14 @@ from typing import Optional
 
 from absl import flags
 
+from knowledge_distillation import cli
 from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig
 
 logger = logging.getLogger("knowledge_distillation.quant")
 
 PROG = "python -m knowledge_distillation.quant"
 SUMMARY_FILE = "quantize_summary.json"
+DEPLOY_ACTIVATION_DTYPES = ("auto", "int8", "uint8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +58,11 @@ class QuantizeConfig:
         test_size: if set, evaluate on the first N test images only.
         max_input_drift: see `quant.distill`.
         seed: seed of the calibration sample and of training.
-        distributed: distil on every local device, across hosts or across
-            NPU ranks (see `knowledge_distillation/distribute.py`).
-        dist_url: AMCT's `tcp://host:port`: the chief's address, checked
-            against the cluster.
-        num_cpu_devices: CPU-only host: logical devices to distil on.
-        worker_hosts: `host:port` of every worker, chief first (multi-host).
-        task_index: this host's index in `worker_hosts`.
+        distribute: the `--distributed` flags, the trainer's (distil on every
+            local device, across hosts or across NPU ranks; see
+            `knowledge_distillation/distribute.py`).
+        deploy_activation_dtype: the deploy model's activations, "auto"
+            (uint8 on an x86-64 CPU with VNNI, else int8), "int8" or "uint8".
     """
 
     model: str
@@ -77,11 +78,8 @@ class QuantizeConfig:
     test_size: Optional[int] = None
     max_input_drift: float = 0.1
     seed: int = 0
-    distributed: bool = False
-    dist_url: Optional[str] = None
-    num_cpu_devices: Optional[int] = None
-    worker_hosts: Optional[tuple] = None
-    task_index: Optional[int] = None
+    deploy_activation_dtype: str = "auto"
+    distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
     def __post_init__(self):
         for key in ("batch_size", "num_parallel_reads", "calibration_size"):
@@ -93,7 +91,10 @@ class QuantizeConfig:
             raise ValueError(f"--test_size must be positive, got {self.test_size}")
         if self.max_input_drift < 0:
             raise ValueError(f"--max_input_drift must be >= 0, got {self.max_input_drift}")
-        _distribute_config(self)  # the --distributed flags' own checks
+        if self.deploy_activation_dtype not in DEPLOY_ACTIVATION_DTYPES:
+            raise ValueError("--deploy_activation_dtype must be one of "
+                             f"{', '.join(DEPLOY_ACTIVATION_DTYPES)}, "
+                             f"got {self.deploy_activation_dtype!r}")
 
 
 def define_flags(fv):
@@ -123,23 +124,24 @@ def define_flags(fv):
                        "Largest relative error of a block's quantized input before it "
                        "learns from the float input instead.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the calibration sample and training.", flag_values=fv)
-    flags.DEFINE_boolean("distributed", False, "Multi-device distillation.", flag_values=fv)
-    flags.DEFINE_string("dist_url", None, "AMCT's tcp://host:port: the chief's address.",
-                        flag_values=fv)
-    flags.DEFINE_integer("num_cpu_devices", None, "CPU-only host: logical CPU devices.",
-                         flag_values=fv)
-    flags.DEFINE_list("worker_hosts", None, "host:port of every worker, chief first.",
-                      flag_values=fv)
-    flags.DEFINE_integer("task_index", None, "This host's index in --worker_hosts.",
-                         flag_values=fv)
+    cli.define_distribute_flags(fv)
+    flags.DEFINE_enum(
+        "deploy_activation_dtype", "auto", list(DEPLOY_ACTIVATION_DTYPES),
+        "Activations of the deploy ONNX model (same logits either way). int8: int8 x int8 "
+        "integer ops, exact on any CPU but slow in ONNX Runtime on x86 (slower than float). "
+        "uint8: uint8 x int8, ONNX Runtime's fast VNNI kernel, but on x86 CPUs without VNNI "
+        "(plain AVX2) its 16-bit sums saturate and lose accuracy. auto: uint8 if this CPU is "
+        "x86-64 with VNNI (avx512_vnni/avx_vnni), else int8; name one explicitly when the "
+        "model will run on another CPU.", flag_values=fv)
 
 
 def quantize_config(fv):
     """The `QuantizeConfig` of parsed flags."""
     if not fv["model"].value:
         raise ValueError("--model is required: the float .keras model to quantize")
-    names = [f.name for f in dataclasses.fields(QuantizeConfig)]
-    return QuantizeConfig(**{name: fv[name].value for name in names})
+    names = [f.name for f in dataclasses.fields(QuantizeConfig) if f.name != "distribute"]
+    return QuantizeConfig(**{name: fv[name].value for name in names},
+                          distribute=cli.distribute_config(fv))
 
 
 def _setup_logging():
@@ -168,16 +170,11 @@ def run(config):
     from knowledge_distillation import distribute
 
     # First: logical devices and multi-worker collectives need TensorFlow unstarted.
-    dist = distribute.setup(_distribute_config(config), batch_size=config.batch_size)
+    dist = distribute.setup(config.distribute, batch_size=config.batch_size)
     with dist.scope():
         summary = _run(config, dist.write_dir(config.output_dir))
     dist.finish()
     return summary
-
-
-def _distribute_config(config):
-    return DistributeConfig(**{f.name: getattr(config, f.name)
-                               for f in dataclasses.fields(DistributeConfig)})
 
 
 def _run(config, output_dir):
@@ -208,6 +205,7 @@ def _run(config, output_dir):
         max_input_drift=config.max_input_drift,
         seed=config.seed,
         num_parallel_reads=config.num_parallel_reads,
+        activation_dtype=config.deploy_activation_dtype,
     )
     summary["config"] = dataclasses.asdict(config)
     path = os.path.join(output_dir, SUMMARY_FILE)

@@ -20,17 +20,37 @@ Modes, for each quantized layer (`QuantizedLayer`, frozen):
   and ONNX Runtime computes bitwise what the TF simulation and the deploy
   model compute.
 - "deploy": int8 (or int4, cast to int8) weight initializers with BatchNorm
-  folded; the input is quantized to int8 and the layer runs as
-  `ConvInteger` / `MatMulInteger` (int8 x int8 -> int32, an integer kernel
+  folded; the input is quantized to 8 bits and the layer runs as
+  `ConvInteger` / `MatMulInteger` (8-bit x int8 -> int32, an integer kernel
   in ONNX Runtime), then `Cast -> Mul(scale_d * scale_w) -> Add(bias)`: the
-  AMCT quant / integer conv / dequant sequence. Both operands are signed
-  8-bit and the weights stay within -127..127, so no pair of products can
-  saturate the 16-bit sums of AVX2's `vpmaddubsw`, the failure of
-  uint8 x int8 kernels on CPUs without VNNI.
+  AMCT quant / integer conv / dequant sequence.
 - "float": the float model, for reference (size, ONNX-vs-Keras checks).
+
+The deploy model's activations are int8 or uint8 (`activation_dtype`); the
+two give bit-identical logits. The uint8 model quantizes with the zero point
+`offset_d + 128`, so its `QuantizeLinear` yields `x_q + 128` and the integer
+op subtracts `offset_d + 128`: `x_u - z_u == x_q - z_d` exactly. They differ
+only in which ONNX Runtime kernel runs:
+
+- "int8" (int8 x int8, S8S8): both operands signed and the weights within
+  -127..127, so no pair of products can saturate the 16-bit sums of AVX2's
+  `vpmaddubsw`, the failure of uint8 x int8 kernels on x86 CPUs without
+  VNNI. Correct everywhere, but ONNX Runtime has no fast S8S8 kernel on x86:
+  on an AVX-512 VNNI CPU it ran 2.8-3.8x slower than the float model at
+  batch 32.
+- "uint8" (uint8 x int8, U8S8): ONNX Runtime's VNNI kernel (`vpdpbusd`
+  sums four u8 x s8 products into int32, nothing saturates): a fraction of
+  the float model's time (0.27x at batch 32 there). On x86 without VNNI
+  (plain AVX2) the same model runs through `vpmaddubsw` and loses accuracy.
+
+`deploy_activation_dtype("auto")` picks uint8 on x86-64 CPUs with VNNI
+(`avx512_vnni` or `avx_vnni` in /proc/cpuinfo) and int8 elsewhere, also where
+the CPU flags cannot be read. The choice follows the CPU that builds the
+model: pass "int8" or "uint8" explicitly to target another deployment CPU.
 """
 
 import logging
+import platform
 
 import keras
 import numpy as np
@@ -47,6 +67,10 @@ OPSET = 21  # INT4 QuantizeLinear / DequantizeLinear / Cast
 IR_VERSION = 10
 FALLBACK_OPSET = 18  # the newest tf2onnx 1.17 writes; its ops keep their meaning at 21
 MODES = ("float", "fake_quant", "deploy")
+ACTIVATION_DTYPES = ("int8", "uint8")  # of the deploy model's integer ops
+CPUINFO = "/proc/cpuinfo"
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # Linux names of AVX512-VNNI and AVX-VNNI
+X86_64_MACHINES = ("x86_64", "amd64", "x64")
 NCHW, KERAS = "nchw", "keras"
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
@@ -54,7 +78,8 @@ TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 class _Builder:
     """Accumulates ONNX nodes and initializers with unique names."""
 
-    def __init__(self):
+    def __init__(self, activation_dtype="int8"):
+        self.activation_dtype = activation_dtype  # of the deploy model's integer ops
         self.nodes = []
         self.initializers = []
         self.used = set()
@@ -77,10 +102,22 @@ class _Builder:
         return name
 
     def int4_const(self, base, values):
+        """An INT4 initializer, packed two values per byte (raw data).
+
+        ONNX packs INT4 with the first element in the low nibble; an odd
+        count pads the last high nibble with 0. (`helper.make_tensor` from a
+        list stores each packed byte as a varint in `int32_data`, about 1.5x
+        the size.)
+        """
         name = self.unique(base)
         values = np.asarray(values)
+        flat = values.reshape(-1).astype(np.int8)
+        if flat.size % 2:
+            flat = np.append(flat, np.int8(0))
+        nibbles = flat.view(np.uint8) & 0x0F
+        packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
         self.initializers.append(helper.make_tensor(
-            name, TensorProto.INT4, list(values.shape), values.reshape(-1).astype(int).tolist()))
+            name, TensorProto.INT4, list(values.shape), packed.tobytes(), raw=True))
         return name
 
     def op(self, op_type, inputs, base, **attrs):
@@ -205,7 +242,11 @@ def _h_quantized(b, node, mode):
     channels = state.scale_w.size
     axis = 1 if kind == "dense" else 0
     s_d = b.const(f"{base}/scale_d", np.float32(state.scale_d))
-    z_d = b.const(f"{base}/offset_d", np.int8(state.offset_d))
+    if mode == "deploy" and b.activation_dtype == "uint8":
+        # QuantizeLinear then yields x_q + 128, and x_u - z_u == x_q - z_d.
+        z_d = b.const(f"{base}/offset_d_uint8", np.uint8(int(state.offset_d) + 128))
+    else:
+        z_d = b.const(f"{base}/offset_d", np.int8(state.offset_d))
     x_q = b.op("QuantizeLinear", [x, s_d, z_d], f"{base}/input_quant")
     attrs = {}
     if kind != "dense":
@@ -568,7 +609,12 @@ def _value_info(name, shape, elem_type=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, elem_type, dims)
 
 
-def build_onnx(keras_model, mode, name=None):
+def _check_activation_dtype(value, allowed, what):
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
     """Converts a (frozen quantized, or float) Keras model to an ONNX model.
 
     Args:
@@ -577,6 +623,10 @@ def build_onnx(keras_model, mode, name=None):
             `QuantizedModel.keras_model` after distillation.
         mode: "float", "fake_quant" or "deploy".
         name: the ONNX graph name. Defaults to the model's name.
+        activation_dtype: "int8" or "uint8", the deploy model's quantized
+            activations (see the module docstring and
+            `deploy_activation_dtype`); the logits are the same. Other
+            modes take only the default, "int8".
 
     Returns:
         A checked `onnx.ModelProto` (opset 21, IR 10): input NHWC float32
@@ -584,8 +634,12 @@ def build_onnx(keras_model, mode, name=None):
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _check_activation_dtype(activation_dtype, ACTIVATION_DTYPES, "activation_dtype")
+    if mode != "deploy" and activation_dtype != "int8":
+        raise ValueError(f"activation_dtype {activation_dtype!r} applies to the deploy model "
+                         f"only, not to the {mode} model")
     graph = quantize_graph.Graph(keras_model)
-    b = _Builder()
+    b = _Builder(activation_dtype)
     input_name = b.unique(graph.input_tensor._keras_history[0].name)
     output_name = b.unique("output")
     b.set(graph.input_id, input_name, KERAS, len(graph.input_tensor.shape))
@@ -618,7 +672,8 @@ def build_onnx(keras_model, mode, name=None):
         opset_imports=[helper.make_opsetid(domain, version) for domain, version in b.domains.items()],
         ir_version=IR_VERSION,
         producer_name="knowledge_distillation.quant",
-        doc_string=f"{mode} model of {keras_model.name}")
+        doc_string=f"{mode} model of {keras_model.name}"
+                   + (f" ({activation_dtype} activations)" if mode == "deploy" else ""))
     onnx.checker.check_model(model)
     return model
 
@@ -628,3 +683,73 @@ def save_onnx(model, path):
     data = model.SerializeToString()
     atomic_write(path, data)
     return len(data)
+
+
+# --- deploy activation signedness ---------------------------------------------
+
+
+def read_cpu_flags(path=None):
+    """The CPU's feature flags from a Linux `/proc/cpuinfo`; None if unreadable."""
+    try:
+        with open(path or CPUINFO, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def check_requested_activation_dtype(requested):
+    """Raises ValueError unless `requested` is "auto", "int8" or "uint8"."""
+    _check_activation_dtype(requested, ("auto",) + ACTIVATION_DTYPES, "deploy activation dtype")
+
+
+def deploy_activation_dtype(requested="auto", cpu_flags=None, machine=None):
+    """The deploy model's activation dtype, "int8" or "uint8", for this CPU.
+
+    "auto" is "uint8" on an x86-64 CPU with VNNI (ONNX Runtime's fast U8S8
+    kernel; its S8S8 kernel is several times slower than float there) and
+    "int8" elsewhere: without VNNI, x86 U8S8 kernels saturate 16-bit sums
+    and lose accuracy. Logs the choice and its reason (one line).
+
+    Args:
+        requested: "auto", "int8" or "uint8". An explicit value is honoured;
+            "uint8" on an x86 CPU known to lack VNNI logs a warning (the
+            model may be meant for another CPU).
+        cpu_flags: the CPU's flags (an iterable of names such as
+            "avx512_vnni"), or None to read them from /proc/cpuinfo (None
+            there too, e.g. off Linux: unknown, and "auto" is "int8").
+        machine: `platform.machine()` to assume; defaults to this one's.
+    """
+    check_requested_activation_dtype(requested)
+    machine = platform.machine() if machine is None else machine
+    x86 = machine.lower() in X86_64_MACHINES
+    flags = read_cpu_flags() if cpu_flags is None else frozenset(cpu_flags)
+    vnni = sorted(f for f in VNNI_FLAGS if f in (flags or ()))
+    if not x86:
+        cpu = f"{machine or 'unknown'} CPU, not x86-64"
+    elif flags is None:
+        cpu = "x86-64 CPU whose flags cannot be read"
+    elif vnni:
+        cpu = f"x86-64 CPU with {'/'.join(vnni)}"
+    else:
+        cpu = "x86-64 CPU without VNNI"
+    if requested == "auto":
+        if x86 and vnni:
+            chosen, reason = "uint8", "ONNX Runtime's VNNI uint8 x int8 kernel, exact and fast"
+        elif x86 and flags is not None:
+            chosen, reason = "int8", "uint8 x int8 kernels saturate 16-bit sums without VNNI"
+        else:
+            chosen, reason = "int8", "signed int8 x int8 is exact on any kernel"
+        logger.info("deploy model: %s activations (auto: %s; %s)", chosen, cpu, reason)
+        return chosen
+    if requested == "uint8" and x86 and flags is not None and not vnni:
+        logger.warning(
+            "deploy model: uint8 activations as requested, but this is an %s: ONNX Runtime's "
+            "uint8 x int8 kernels can saturate their 16-bit sums here and lose accuracy (fine "
+            "on a VNNI CPU); int8 activations are exact on any CPU", cpu)
+    else:
+        logger.info("deploy model: %s activations (requested; %s)", requested, cpu)
+    return requested
