@@ -132,11 +132,10 @@ def test_int4_learned_rounding_beats_round_to_nearest(trained, data):
     assert error["distilled"]["relative_error"] < 0.8 * error["calibrated"]["relative_error"], error
 
 
-def test_block_inputs_carried_forward_match_the_whole_prefix(trained, data):
+def _carried_inputs_match_from_input(model, images):
     from knowledge_distillation.quant.quantize_distill import CarriedOutputs
 
-    qmodel = create_quant_model(trained, create_distill_config(trained))
-    images = preprocess(data.x_train[:128]).numpy()
+    qmodel = create_quant_model(model, create_distill_config(model))
     distill(qmodel, images, epochs=0)
 
     def from_input(tensor_id):
@@ -150,6 +149,21 @@ def test_block_inputs_carried_forward_match_the_whole_prefix(trained, data):
         for got, want in zip(carried.inputs(qmodel, tensor_id), from_input(tensor_id)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         carried.add(qmodel.block_output_id(block), *from_input(qmodel.block_output_id(block)))
+    return qmodel, sources
+
+
+def test_block_inputs_carried_forward_match_the_whole_prefix(trained, data):
+    images = preprocess(data.x_train[:128]).numpy()
+    qmodel, sources = _carried_inputs_match_from_input(trained, images)
     # the block after the residual add starts from two kept tensors (the
     # skip branch and the previous block's output), not from the image
     assert max(sources) == 2, (qmodel.blocks, sources)
+
+
+def test_block_inputs_carried_through_dropout_and_pooling(data):
+    # the zoo's cnn teacher: a Dropout right after a block passes the kept
+    # output through unchanged in the quantized model
+    from knowledge_distillation.models import build_model
+
+    model = build_model("cnn", data.input_shape, data.num_classes, seed=0)
+    _carried_inputs_match_from_input(model, preprocess(data.x_train[:64]).numpy())

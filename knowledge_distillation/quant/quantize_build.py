@@ -197,17 +197,24 @@ class QuantizedModel:
         Returns `((float_model, float_ids), (quant_model, quant_ids))`: each
         model takes one input per id of its list, in order. The lists are
         `sources` less any id whose tensor is the same Keras tensor as an
-        earlier one's (a folded BatchNorm passes its input through in the
-        quantized model).
+        earlier one's (a folded BatchNorm or a Dropout passes its input
+        through in the quantized model). Where `tensor_id`'s Keras tensor is
+        one of the sources' (passed through), the model is None and the list
+        holds that source alone: its value is the answer.
         """
         result = []
         for tensors in (self.teacher_tensors, self.quant_tensors):
+            target = tensors[tensor_id]
+            same = [s for s in sources if tensors[s] is target]
+            if same:
+                result.append((None, same[:1]))
+                continue
             ids, inputs = [], []
             for source in sources:
                 if all(tensors[source] is not x for x in inputs):
                     ids.append(source)
                     inputs.append(tensors[source])
-            result.append((keras.Model(inputs, tensors[tensor_id]), ids))
+            result.append((keras.Model(inputs, target), ids))
         return tuple(result)
 
     # -- state --------------------------------------------------------------

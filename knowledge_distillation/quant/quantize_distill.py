@@ -162,10 +162,11 @@ class CarriedOutputs:
         if tensor_id in self.values:
             return self.values[tensor_id]
         sources = qmodel.segment_sources(tensor_id, self.values)
-        (float_model, float_ids), (quant_model, quant_ids) = qmodel.segment_models(
-            sources, tensor_id)
-        return (predict(float_model, [self._value(qmodel, s, 0) for s in float_ids]),
-                predict(quant_model, [self._value(qmodel, s, 1) for s in quant_ids]))
+        values = []
+        for which, (model, ids) in enumerate(qmodel.segment_models(sources, tensor_id)):
+            arrays = [self._value(qmodel, s, which) for s in ids]
+            values.append(arrays[0] if model is None else predict(model, arrays))
+        return tuple(values)
 
     def _value(self, qmodel, tensor_id, which):
         if tensor_id == qmodel.graph.input_id:
