@@ -50,10 +50,16 @@ def matmul_gflops(n=2048, repeats=3, dtype=np.float32):
     return 2.0 * n ** 3 / best / 1e9
 
 
+# stdout carries the one JSON line alone: whatever else prints there (ONNX
+# Runtime's calibrators print progress) goes to stderr with the logs.
+_JSON_OUT = sys.stdout
+sys.stdout = sys.stderr
+
+
 def emit(payload):
-    """Prints `payload` as one JSON line on stdout."""
-    sys.stdout.write(json.dumps(payload, sort_keys=True, default=float) + "\n")
-    sys.stdout.flush()
+    """Prints `payload` as one JSON line on the process's stdout."""
+    _JSON_OUT.write(json.dumps(payload, sort_keys=True, default=float) + "\n")
+    _JSON_OUT.flush()
 
 
 def quiet_tf():
