@@ -61,7 +61,11 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 PREPROCESSING_VERSION = "1"
 DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
-DEFAULT_CHUNK_EXAMPLES = 8192
+# Images per `predict` call: as many as fit this many bytes as float32 (the
+# preprocessed batch): every call pays Keras' set-up and a partial last
+# batch, so all of Fashion-MNIST in one call was 1.2x faster than 8192-image
+# chunks (seed teacher, bfloat16, 60000 images: 19-20 s against 23-24 s).
+DEFAULT_CHUNK_BYTES = 256 << 20
 ARRAY_FILE = "teacher_logits.npy"
 KEY_FILE = "teacher_logits.key.json"
 _HASH_BLOCK = 1 << 24
@@ -266,7 +270,7 @@ def teacher_outputs(
     preprocess=None,
     preprocessing_version=PREPROCESSING_VERSION,
     memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
-    chunk_examples=DEFAULT_CHUNK_EXAMPLES,
+    chunk_examples=None,
 ):
     """The teacher's outputs on `images`, from the cache or computed once.
 
@@ -284,7 +288,8 @@ def teacher_outputs(
         preprocessing_version: version string of that preprocessing.
         memory_budget_bytes: the largest output array kept in memory; larger
             ones are memory-mapped from `cache_dir`. Defaults to 1 GiB.
-        chunk_examples: images per `predict` call. Defaults to 8192.
+        chunk_examples: images per `predict` call. Defaults to as many as
+            take `DEFAULT_CHUNK_BYTES` (256 MiB) as float32.
 
     Returns:
         A `TeacherOutputs`.
@@ -331,6 +336,9 @@ def teacher_outputs(
         "(%.1f MB, %s)", n, nbytes / 1e6,
         "in memory" if in_memory else f"memory-mapped from {array_path}")
     start = time.perf_counter()
+    if chunk_examples is None:
+        image_bytes = 4 * int(np.prod(np.shape(images)[1:], dtype=np.int64))
+        chunk_examples = max(1, DEFAULT_CHUNK_BYTES // max(image_bytes, 1))
     array = _compute(predict, images, (n,) + out_shape, chunk_examples,
                      None if in_memory else array_path + ".tmp")
     seconds = time.perf_counter() - start
