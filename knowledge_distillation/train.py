@@ -112,6 +112,13 @@ def _evaluate(model, test_ds, session):
     return {"accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
 
 
+def _zeros_like_spec(spec):
+    """A one-example batch of zeros for each `tf.TensorSpec` in `spec`."""
+    return keras.tree.map_structure(
+        lambda s: np.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype.as_numpy_dtype), spec
+    )
+
+
 def _last_epoch_metrics(history):
     if history is None or not history.history:
         return {}
@@ -306,8 +313,11 @@ class Trainer:
             steps_per_execution=self.steps_per_execution,
             **self.session.compile_kwargs(),
         )
-        # BackupAndRestore needs a built model; one batch builds it.
-        distiller(next(iter(train_ds))[0])
+        # BackupAndRestore needs a built model. Build it from the dataset's
+        # element spec, not from a batch: pulling a batch would use up one
+        # seeded shuffle order, and the distilled student would then see the
+        # scratch student's epoch k+1 order in its epoch k.
+        distiller(_zeros_like_spec(train_ds.element_spec[0]))
         stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
         return student, stats
 

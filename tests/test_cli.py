@@ -121,6 +121,23 @@ def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mni
     assert summary["teacher"]["accuracy"] == pytest.approx(original["teacher"]["accuracy"], abs=1e-6)
 
 
+def test_alpha_one_distillation_is_scratch_training(finished_run, fashion_mnist_path, tmp_path):
+    # alpha=1 leaves only the label loss: with the same initial weights and the
+    # same data order, the distilled student must be the scratch student.
+    out, _ = finished_run
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2", "--alpha=1",
+                           f"--teacher_model={out / 'teacher.keras'}", f"--output_dir={tmp_path}",
+                           "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["distilled"]["accuracy"] == summary["scratch"]["accuracy"]
+    assert summary["distilled"]["loss"] == pytest.approx(summary["scratch"]["loss"], rel=1e-6)
+    scratch = keras.saving.load_model(tmp_path / "scratch.keras")
+    distilled = keras.saving.load_model(tmp_path / "distilled.keras")
+    for a, b in zip(scratch.get_weights(), distilled.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
