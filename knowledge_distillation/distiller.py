@@ -11,7 +11,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from knowledge_distillation.losses import as_distillation_loss, replica_mean
+from knowledge_distillation.losses import as_distillation_loss, loss_temperature, replica_mean
+
+DEFAULT_TEMPERATURE = 10.0
+_DISTILLER_COMPILE_KEYS = ("student_loss_fn", "distillation_loss_fn", "alpha", "temperature")
 
 
 def _scale_for_replicas(value):
@@ -24,6 +27,7 @@ def _scale_for_replicas(value):
     return value
 
 
+@keras.saving.register_keras_serializable(package="knowledge_distillation")
 class Distiller(keras.Model):
     """Trains `student` on `alpha * label loss + (1 - alpha) * distillation loss`.
 
@@ -102,7 +106,7 @@ class Distiller(keras.Model):
         student_loss_fn=None,
         distillation_loss_fn=None,
         alpha=0.1,
-        temperature=10.0,
+        temperature=None,
         **kwargs,
     ):
         """Configures the distiller.
@@ -118,12 +122,14 @@ class Distiller(keras.Model):
                 Keras loss on softened probabilities, keras-io style
                 (`loss(softmax(t/T), softmax(s/T)) * T^2`).
             alpha: weight of the student loss, in [0, 1]. Defaults to 0.1.
-            temperature: softmax temperature, > 0. Defaults to 10.0.
+            temperature: softmax temperature, > 0. Defaults to 10.0, or to
+                the temperature a `DistillationLoss` object carries; giving
+                one that disagrees with the loss object's is an error.
             **kwargs: passed to `keras.Model.compile` (e.g. `jit_compile`).
         """
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha must be between 0.0 and 1.0, got {alpha}")
-        if float(temperature) <= 0:
+        if temperature is not None and not float(temperature) > 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if kwargs.get("loss") is not None:
             raise ValueError(
@@ -132,7 +138,6 @@ class Distiller(keras.Model):
             )
         kwargs.pop("loss", None)
         self.alpha = float(alpha)
-        self.temperature = float(temperature)
         if student_loss_fn is None and self.alpha > 0:
             student_loss_fn = keras.losses.SparseCategoricalCrossentropy(
                 from_logits=True
@@ -140,6 +145,20 @@ class Distiller(keras.Model):
         elif isinstance(student_loss_fn, str):
             student_loss_fn = keras.losses.get(student_loss_fn)
         self.student_loss_fn = student_loss_fn
+        own = (
+            loss_temperature(distillation_loss_fn)
+            if isinstance(distillation_loss_fn, keras.distillation.DistillationLoss)
+            else None
+        )
+        if own is not None and temperature is not None and float(temperature) != own:
+            raise ValueError(
+                f"temperature={temperature} disagrees with the temperature {own} of "
+                f"the {type(distillation_loss_fn).__name__} passed as "
+                "distillation_loss_fn: set it in one place"
+            )
+        if temperature is None:
+            temperature = own if own is not None else DEFAULT_TEMPERATURE
+        self.temperature = float(temperature)
         self.distillation_loss = as_distillation_loss(
             distillation_loss_fn, self.temperature
         )
@@ -179,6 +198,13 @@ class Distiller(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
+        if sample_weight is not None:
+            # Keras turns fit(class_weight=...) into sample weights too.
+            raise ValueError(
+                "Distiller does not support sample_weight or class_weight: the "
+                "distillation term has no per-example weighting; resample the "
+                "data instead"
+            )
         images, teacher_out = self._split_inputs(x)
         if y_pred is None:
             y_pred = self.student(images, training=training)
@@ -223,6 +249,38 @@ class Distiller(keras.Model):
             }
         )
         return config
+
+    def get_compile_config(self):
+        config = super().get_compile_config()
+        if not config:
+            return config
+        config.update(
+            {
+                "student_loss_fn": keras.saving.serialize_keras_object(
+                    self.student_loss_fn
+                ),
+                "distillation_loss_fn": keras.saving.serialize_keras_object(
+                    self.distillation_loss
+                ),
+                "alpha": self.alpha,
+                "temperature": self.temperature,
+            }
+        )
+        return config
+
+    def compile_from_config(self, config):
+        config = dict(config)
+        own = {key: config.pop(key) for key in _DISTILLER_COMPILE_KEYS if key in config}
+        config = keras.saving.deserialize_keras_object(config)
+        for key in ("student_loss_fn", "distillation_loss_fn"):
+            if own.get(key) is not None:
+                own[key] = keras.saving.deserialize_keras_object(own[key])
+        loss = own.get("distillation_loss_fn")
+        if loss_temperature(loss) is not None:
+            own["temperature"] = None  # the loss object carries it
+        self.compile(**config, **own)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
 
     @classmethod
     def from_config(cls, config):

@@ -6,9 +6,13 @@ ours. It is computed in float32 from log-softmax, whatever the compute dtype of
 the logits, and always carries the explicit T^2 factor.
 """
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import ops
+
+logger = logging.getLogger(__name__)
 
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
@@ -36,6 +40,7 @@ def soft_kl_divergence(teacher_logits, student_logits, temperature):
     return ops.mean(per_example)
 
 
+@keras.saving.register_keras_serializable(package="knowledge_distillation")
 class KDLoss(keras.distillation.DistillationLoss):
     """Hinton et al. (2015) soft-target loss: `T^2 * KL(p_t^T || p_s^T)`.
 
@@ -73,6 +78,7 @@ class KDLoss(keras.distillation.DistillationLoss):
         return cls(**config)
 
 
+@keras.saving.register_keras_serializable(package="knowledge_distillation")
 class KerasLossDistillation(keras.distillation.DistillationLoss):
     """Adapts a plain Keras loss the way the keras-io / ModelZoo code uses it.
 
@@ -96,16 +102,56 @@ class KerasLossDistillation(keras.distillation.DistillationLoss):
         value = replica_mean(self.loss, ops.softmax(t, axis=-1), ops.softmax(s, axis=-1))
         return value * (self.temperature**2)
 
+    def get_config(self):
+        return {"loss": keras.losses.serialize(self.loss), "temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.losses.deserialize(config["loss"]), config["temperature"])
+
+
+@keras.saving.register_keras_serializable(package="knowledge_distillation")
+class OutputLoss(keras.distillation.DistillationLoss):
+    """A Keras loss between teacher and student outputs, each divided by `temperature`.
+
+    What `keras.distillation.LogitsDistillation` does with a non-KL loss and
+    `FeatureDistillation` (temperature 1) does with any loss, but through
+    `replica_mean`, so a `keras.losses.Loss` object is not divided by the
+    replica count twice.
+
+    Args:
+        loss: a Keras loss object or a callable `loss(teacher, student)`.
+        temperature: divides both outputs first. Defaults to 1.0.
+    """
+
+    def __init__(self, loss, temperature=1.0):
+        self.loss = loss
+        self.temperature = float(temperature)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        t = ops.cast(teacher_outputs, "float32")
+        s = ops.cast(student_outputs, "float32")
+        if self.temperature != 1.0:
+            t, s = t / self.temperature, s / self.temperature
+        return replica_mean(self.loss, t, s)
+
+    def get_config(self):
+        return {"loss": keras.losses.serialize(self.loss), "temperature": self.temperature}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(keras.losses.deserialize(config["loss"]), config["temperature"])
+
 
 def replica_mean(loss_fn, y_true, y_pred):
     """Mean of `loss_fn` over this replica's batch, never pre-divided by the replica count.
 
     Under tf.distribute a `keras.losses.Loss` with a mean reduction returns
     its mean divided by `num_replicas_in_sync` (Keras' convention, so that
-    compiled losses sum to the global mean); plain functions and the
-    `keras.distillation` losses return the plain mean. This undoes the
-    division, as Keras' own trainer does for its loss trackers, so every term
-    of the Distiller's loss is a plain mean and is scaled once.
+    compiled losses sum to the global mean); a plain loss function returns
+    per-example values. This undoes the division, as Keras' own trainer does
+    for its loss trackers, so every term of the Distiller's loss is a plain
+    mean and is scaled once, in `Distiller.compute_loss`.
 
     Args:
         loss_fn: a Keras loss object or a callable returning per-example values.
@@ -123,14 +169,61 @@ def replica_mean(loss_fn, y_true, y_pred):
     return value
 
 
+def _single_leaf(loss, what):
+    leaves = [leaf for leaf in keras.tree.flatten(loss) if leaf is not None]
+    if len(leaves) != 1:
+        raise ValueError(
+            f"{what} has {len(leaves)} losses: this Distiller distils one output, "
+            "so give it one loss (e.g. keras.distillation.LogitsDistillation(temperature=T))"
+        )
+    return leaves[0]
+
+
+def _is_kl(loss):
+    return isinstance(loss, keras.losses.KLDivergence) or loss is keras.losses.kl_divergence
+
+
+def _from_keras_distillation(loss_obj):
+    """Keras' `LogitsDistillation` / `FeatureDistillation` as the project's losses.
+
+    Keras applies them per leaf with `ops.mean(loss(t, s))`, which divides a
+    `keras.losses.Loss` leaf by the replica count on top of the Distiller's
+    own scaling, and its `LogitsDistillation()` default (the string
+    "kl_divergence") resolves to a function that takes logits for
+    probabilities. The conversions keep what each one means: KL on logits
+    becomes Hinton's KD (T^2 KL of the softened distributions), any other
+    leaf the same loss through `replica_mean`.
+    """
+    if isinstance(loss_obj, keras.distillation.LogitsDistillation):
+        leaf = _single_leaf(loss_obj.loss, "LogitsDistillation")
+        if _is_kl(leaf):
+            if not isinstance(leaf, keras.losses.KLDivergence):
+                logger.info(
+                    "LogitsDistillation(loss='kl_divergence') would take KL of logits, "
+                    "not probabilities: using Hinton's KD at temperature %s instead",
+                    loss_obj.temperature)
+            return KDLoss(float(loss_obj.temperature))
+        return OutputLoss(leaf, float(loss_obj.temperature))
+    return OutputLoss(_single_leaf(loss_obj.loss, "FeatureDistillation"), 1.0)
+
+
+def loss_temperature(loss):
+    """The temperature a distillation loss carries, or None."""
+    value = getattr(loss, "temperature", None)
+    return None if value is None else float(value)
+
+
 def as_distillation_loss(distillation_loss_fn, temperature):
     """Normalises what `Distiller.compile` accepts into a `DistillationLoss`.
 
     Args:
         distillation_loss_fn: `None` (the default `KDLoss`), a
-            `keras.distillation.DistillationLoss` (used as is: it owns its
-            temperature), or a Keras loss / callable on softened
-            probabilities (keras-io style).
+            `keras.distillation.DistillationLoss` (it owns its temperature;
+            Keras' `LogitsDistillation` and `FeatureDistillation` are
+            converted, see `_from_keras_distillation`; any other subclass is
+            used as is and must return the plain mean over this replica's
+            batch), or a Keras loss / callable on softened probabilities
+            (keras-io style).
         temperature: the temperature for `None` and for Keras losses.
 
     Returns:
@@ -138,6 +231,9 @@ def as_distillation_loss(distillation_loss_fn, temperature):
     """
     if distillation_loss_fn is None:
         return KDLoss(temperature)
+    if isinstance(distillation_loss_fn, (keras.distillation.LogitsDistillation,
+                                         keras.distillation.FeatureDistillation)):
+        return _from_keras_distillation(distillation_loss_fn)
     if isinstance(distillation_loss_fn, keras.distillation.DistillationLoss):
         return distillation_loss_fn
     if isinstance(distillation_loss_fn, str):

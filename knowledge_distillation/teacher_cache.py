@@ -91,19 +91,37 @@ def hash_array(array):
 
 
 def hash_weights(model):
-    """Hex digest of every variable of `model` (trainable or not), in order."""
+    """Hex digest of every variable of `model` (trainable or not), in order.
+
+    Only the values count (dtype, shape, bytes), not the variables' names or
+    paths: a model reloaded from its file gets new paths but gives the same
+    outputs.
+    """
     h = _digest()
     for variable in model.weights:
-        h.update(variable.path.encode())
         h.update(hash_array(keras.ops.convert_to_numpy(variable)).encode())
     return h.hexdigest()
 
 
 def hash_architecture(model):
-    """Hex digest of the model's serialised config (layers, shapes, dtypes)."""
-    config = keras.saving.serialize_keras_object(model)
-    text = json.dumps(config, sort_keys=True, default=str)
+    """Hex digest of the model's class and layer config (layers, shapes, dtypes).
+
+    The compile config (optimizer, loss, metrics) is left out: it does not
+    change the outputs, and a reloaded, recompiled teacher differs there.
+    """
+    config = {"class": type(model).__name__, "config": model.get_config()}
+    text = json.dumps(config, sort_keys=True, default=_json_default)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _json_default(value):
+    # Keras objects left in a config (an initializer, a dtype policy) by their
+    # own config; never str(), which can hold a memory address.
+    if hasattr(value, "get_config"):
+        return {"class": type(value).__name__, "config": value.get_config()}
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot fingerprint a {type(value).__name__} in the teacher's config")
 
 
 def dtype_policies(model):
@@ -116,12 +134,26 @@ def dtype_policies(model):
 
 
 def preprocessing_fingerprint(fn, version=PREPROCESSING_VERSION):
-    """`version` plus a digest of `fn`'s source (its bytecode if no source)."""
+    """`version` plus a digest of `fn`'s source (its bytecode and constants if no source).
+
+    Never `repr(fn)`: it holds a memory address, which would make every
+    process compute a new key.
+
+    Raises:
+        ValueError: `fn` has neither source nor bytecode (e.g. a builtin or a
+            callable object), so nothing stable identifies it.
+    """
     try:
         body = inspect.getsource(fn).encode()
     except (OSError, TypeError):
-        body = getattr(getattr(fn, "__code__", None), "co_code", repr(fn).encode())
-    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+        code = getattr(fn, "__code__", None)
+        if code is None:
+            raise ValueError(
+                f"cannot fingerprint the preprocessing {type(fn).__name__} for the "
+                "teacher cache: it has no source or bytecode; pass a plain function"
+            ) from None
+        body = code.co_code + repr(code.co_consts).encode()
+    name = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
     return f"{version}:{name}:{hashlib.blake2b(body, digest_size=8).hexdigest()}"
 
 
@@ -233,11 +265,15 @@ class TeacherOutputs:
 
 
 def _read_key(path):
+    """The stored key; None when there is none; "unreadable" (logged) when it cannot be read."""
+    if not os.path.exists(path):
+        return None
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as e:
+        logger.warning("teacher cache: cannot read the key file %s (%s): recomputing", path, e)
+        return "unreadable"
 
 
 def _write_key(path, key):
@@ -328,7 +364,7 @@ def teacher_outputs(
                     "teacher, data, preprocessing and dtype policy)",
                     array_path, n, "in memory" if in_memory else "memory-mapped")
                 return TeacherOutputs(array, key, "reused", array_path, 0.0, hash_seconds)
-        elif stored is not None:
+        elif isinstance(stored, dict):
             logger.info("teacher cache: %s is stale (%s changed): recomputing",
                         array_path, ", ".join(describe_change(stored, key)))
     logger.info(

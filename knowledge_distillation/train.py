@@ -297,11 +297,13 @@ class Trainer:
                 preprocess=data_lib.preprocess,
             )
             train_ds = self._train_ds(extra=outputs.column(), lookup=outputs.lookup)
+            cache_state = outputs.source
         else:
             cached = False
             logger.info("distilled: the teacher runs on every training step (%s)",
                         why if cfg.cache_teacher else "--nocache_teacher")
             train_ds = self._train_ds()
+            cache_state = "off"
         distiller = Distiller(
             teacher=teacher, student=student, teacher_outputs_in_data=cached
         )
@@ -319,7 +321,7 @@ class Trainer:
         # scratch student's epoch k+1 order in its epoch k.
         distiller(_zeros_like_spec(train_ds.element_spec[0]))
         stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
-        return student, stats
+        return student, {**stats, "teacher_cache": cache_state}
 
     def teacher_logits(self, teacher, x=None):
         """Teacher logits of `x` (default: the training split), batched, inference mode."""

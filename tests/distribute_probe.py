@@ -63,6 +63,21 @@ def main(num_cpu_devices):
             "feature_mse": (True, {
                 "alpha": 0.0,
                 "distillation_loss_fn": keras.distillation.FeatureDistillation(loss="mse")}),
+            "feature_mse_object": (True, {
+                "alpha": 0.0,
+                "distillation_loss_fn": keras.distillation.FeatureDistillation(
+                    loss=keras.losses.MeanSquaredError())}),
+            "logits_kl_object": (True, {
+                "temperature": None,
+                "distillation_loss_fn": keras.distillation.LogitsDistillation(
+                    temperature=2.0, loss=keras.losses.KLDivergence())}),
+            "logits_kl_string": (True, {
+                "temperature": None,
+                "distillation_loss_fn": keras.distillation.LogitsDistillation(temperature=2.0)}),
+            "logits_mse_object": (True, {
+                "temperature": None,
+                "distillation_loss_fn": keras.distillation.LogitsDistillation(
+                    temperature=2.0, loss=keras.losses.MeanSquaredError())}),
         }
         for name, (cached, losses) in variants.items():
             student = mlp(2, "student", l2=1e-2)

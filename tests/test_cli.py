@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
     out, result = finished_run
     summary = json.loads((out / "summary.json").read_text())
     for phase in ("teacher", "scratch", "distilled"):
-        assert 0.0 <= summary[phase]["accuracy"] <= 1.0
+        assert summary[phase]["accuracy"] > 0.3  # well above chance at 10 classes
         assert np.isfinite(summary[phase]["loss"])
         assert (out / f"{phase}.keras").is_file()
         epochs = sorted(os.listdir(out / "checkpoints" / phase))
@@ -105,6 +106,27 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path, fashion_mnist_pat
     assert epochs == list(range(6)), epochs
     assert len(killed_rows) >= 1
     assert json.loads((out / "summary.json").read_text())["teacher"]["trained"] is True
+
+
+def test_rerun_after_losing_the_distilled_phase_reuses_the_teacher_cache(
+        finished_run, fashion_mnist_path, tmp_path):
+    out, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    first = json.loads((run / "summary.json").read_text())
+    assert first["distilled"]["teacher_cache"] == "computed"
+    os.remove(run / "distilled.keras")
+    shutil.rmtree(run / "backup" / "distilled", ignore_errors=True)
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2",
+                           f"--output_dir={run}", "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("finished in an earlier run") == 2
+    summary = json.loads((run / "summary.json").read_text())
+    # The teacher came back from teacher.keras, recompiled, with new variable
+    # paths: the same logits all the same.
+    assert summary["distilled"]["teacher_cache"] == "reused"
+    assert "teacher cache: reusing" in result.stdout
+    assert summary["distilled"]["accuracy"] == pytest.approx(first["distilled"]["accuracy"], abs=1e-6)
 
 
 def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mnist_path, tmp_path):

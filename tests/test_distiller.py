@@ -70,18 +70,45 @@ def test_fit_trains_only_the_student_and_reports_both_losses(small_data):
     assert any(not np.array_equal(a, b) for a, b in zip(before_student, student.get_weights()))
     result = d.evaluate(data_lib.make_dataset(small_data.x_test, small_data.y_test, 64),
                         verbose=0, return_dict=True)
-    assert 0.0 <= result["accuracy"] <= 1.0
+    # evaluate() scores the student: the same accuracy as its own predictions.
+    x_test = data_lib.preprocess(small_data.x_test).numpy()
+    by_hand = np.mean(np.argmax(student.predict(x_test, verbose=0), -1) == small_data.y_test)
+    assert result["accuracy"] == pytest.approx(by_hand, abs=1e-6)
 
 
-def test_teacher_runs_in_inference_mode(small_data):
-    inputs = keras.Input(small_data.input_shape)
+def _dropout_batchnorm_teacher(data, seed=11):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(data.input_shape)
     h = keras.layers.Flatten()(inputs)
-    h = keras.layers.Dropout(0.9)(h)
-    teacher = keras.Model(inputs, keras.layers.Dense(small_data.num_classes)(h))
-    _, student = _models(small_data)
-    x, _ = _batch(small_data, 16)
-    d = _compiled(teacher, student)
-    np.testing.assert_allclose(d.teacher_outputs(x), teacher(x, training=False), rtol=1e-6)
+    h = keras.layers.Dense(64)(h)
+    h = keras.layers.BatchNormalization(momentum=0.5)(h)
+    h = keras.layers.Activation("relu")(h)
+    h = keras.layers.Dropout(0.5)(h)
+    return keras.Model(inputs, keras.layers.Dense(data.num_classes)(h))
+
+
+def test_teacher_runs_in_inference_mode_during_training(small_data):
+    # A teacher with Dropout and BatchNorm: in training mode its outputs would
+    # be random and its moving statistics would move. In inference mode the
+    # per-step teacher trains the student exactly like logits predicted once.
+    teacher = _dropout_batchnorm_teacher(small_data)
+    before = [w.copy() for w in teacher.get_weights()]
+    logits = teacher.predict(data_lib.preprocess(small_data.x_train), verbose=0)
+    students = []
+    for cached in (False, True):
+        _, student = _models(small_data, seed=5)
+        d = Distiller(teacher=teacher, student=student, teacher_outputs_in_data=cached)
+        d.compile(optimizer=keras.optimizers.SGD(0.05), alpha=0.0, temperature=4.0)
+        ds = data_lib.make_dataset(small_data.x_train, small_data.y_train, 32, shuffle=True,
+                                   seed=3, extra=logits if cached else None)
+        if cached:
+            ds = ds.map(lambda x, y, t: ((x, t), y))
+        d.fit(ds, epochs=1, verbose=0)
+        students.append(student.get_weights())
+    for a, b in zip(before, teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(*students):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_cached_teacher_outputs_train_like_the_per_step_teacher(small_data):
@@ -149,6 +176,43 @@ def test_student_saves_alone_and_reloads(small_data, tmp_path):
     x, _ = _batch(small_data, 8)
     np.testing.assert_allclose(reloaded(x), student(x), rtol=1e-5, atol=1e-6)
     assert reloaded.count_params() == student.count_params()
+
+
+def test_distiller_round_trips_through_a_file_with_its_compile_settings(small_data, tmp_path):
+    teacher = _dropout_batchnorm_teacher(small_data)
+    _, student = _models(small_data)
+    d = _compiled(teacher, student, alpha=0.3, temperature=4.0)
+    d.fit(data_lib.make_dataset(small_data.x_train[:64], small_data.y_train[:64], 32),
+          epochs=1, verbose=0)
+    d.save(tmp_path / "distiller.keras")
+    loaded = keras.saving.load_model(tmp_path / "distiller.keras")
+    assert isinstance(loaded, Distiller)
+    assert (loaded.alpha, loaded.temperature) == (0.3, 4.0)
+    assert isinstance(loaded.distillation_loss, KDLoss)
+    x, y = _batch(small_data, 32)
+    assert float(loaded.compute_loss(x=x, y=y, y_pred=loaded.student(x))) == pytest.approx(
+        float(d.compute_loss(x=x, y=y, y_pred=student(x))), rel=1e-6)
+
+
+def test_temperature_given_twice_must_agree(small_data):
+    teacher, student = _models(small_data)
+    loss = keras.distillation.LogitsDistillation(temperature=3.0)
+    with pytest.raises(ValueError, match="temperature=10 disagrees with the temperature 3.0"):
+        _compiled(teacher, student, distillation_loss_fn=loss, temperature=10)
+    d = _compiled(teacher, student, distillation_loss_fn=loss)
+    assert d.temperature == 3.0
+    assert _compiled(teacher, student, distillation_loss_fn=loss, temperature=3.0).temperature == 3.0
+
+
+@pytest.mark.parametrize("weights", ["sample_weight", "class_weight"])
+def test_sample_and_class_weights_are_rejected(small_data, weights):
+    teacher, student = _models(small_data)
+    d = _compiled(teacher, student)
+    x, y = _batch(small_data, 32)
+    kwargs = ({"sample_weight": np.ones(len(y), "float32")} if weights == "sample_weight"
+              else {"class_weight": {c: 1.0 for c in range(small_data.num_classes)}})
+    with pytest.raises(ValueError, match="does not support sample_weight or class_weight"):
+        d.fit(x, y, epochs=1, verbose=0, **kwargs)
 
 
 def test_bad_arguments_are_clear_errors(small_data):

@@ -185,7 +185,10 @@ def _probe(num_cpu_devices):
 def test_two_logical_devices_train_the_distiller_like_one_device_on_the_same_global_batch():
     one, two = _probe(0), _probe(2)
     assert (one["replicas"], two["replicas"]) == (1, 2)
-    for variant in ("live_teacher", "cached_teacher", "keras_io_losses", "feature_mse", "classifier"):
+    variants = ("live_teacher", "cached_teacher", "keras_io_losses", "feature_mse",
+                "feature_mse_object", "logits_kl_object", "logits_kl_string", "logits_mse_object",
+                "classifier")
+    for variant in variants:
         for key, values in one[variant]["history"].items():
             np.testing.assert_allclose(two[variant]["history"][key], values, rtol=1e-5, atol=1e-6,
                                        err_msg=f"{variant} {key}")
@@ -193,6 +196,9 @@ def test_two_logical_devices_train_the_distiller_like_one_device_on_the_same_glo
             np.testing.assert_allclose(w2, w1, rtol=1e-5, atol=1e-6, err_msg=variant)
     # The reported terms are global means, not per-replica shares.
     assert two["live_teacher"]["history"]["student_loss"][0] > 1.0
+    # Keras' KL-on-logits default becomes Hinton's KD, as KLDivergence() does.
+    np.testing.assert_allclose(one["logits_kl_string"]["history"]["distillation_loss"],
+                               one["logits_kl_object"]["history"]["distillation_loss"], rtol=1e-6)
 
 
 # -- the trainer CLI on logical devices and on two workers ---------------------

@@ -141,7 +141,8 @@ def check_report(result, script, device_id, batch_size, kind):
     assert float(fps) == pytest.approx(summary["examples_per_sec"], abs=0.005)
     assert float(fps) > 0
     assert float(accuracy) == pytest.approx(summary["train_accuracy"], abs=5e-5)
-    assert 0.0 <= float(accuracy) <= 1.0
+    # Well above chance (10 classes): the script reports a student that learnt.
+    assert float(accuracy) > 0.3
     # The script times the whole trainer process, start-up included.
     assert int(e2e) >= int(summary["wall_time_sec"])
 

@@ -31,15 +31,24 @@ def test_kd_loss_matches_hand_computation():
     assert expected > 0
 
 
-def test_kd_loss_carries_explicit_temperature_squared():
+def test_kd_gradient_reaches_hintons_high_temperature_limit():
+    # Hinton et al. 2015, sec. 2.1: at high T the gradient of T^2 * KL with
+    # respect to a student logit tends to ((s_i - mean s) - (t_i - mean t)) / K,
+    # whatever T is: the T^2 factor keeps the soft term's scale T-independent.
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
-    teacher = rng.normal(size=(8, 10)).astype("float32")
-    student = rng.normal(size=(8, 10)).astype("float32")
-    for t in (1.0, 4.0, 10.0):
-        kl = float(soft_kl_divergence(teacher, student, t))
-        assert float(KDLoss(t).compute_loss(teacher, student)) == pytest.approx(
-            t * t * kl, rel=1e-6
-        )
+    teacher = rng.normal(size=(4, 10)).astype("float32")
+    student = rng.normal(size=(4, 10)).astype("float32")
+    k, batch = teacher.shape[1], teacher.shape[0]
+    limit = ((student - student.mean(-1, keepdims=True))
+             - (teacher - teacher.mean(-1, keepdims=True))) / (k * batch)
+    for t in (50.0, 200.0):
+        s = tf.Variable(student)
+        with tf.GradientTape() as tape:
+            loss = KDLoss(t).compute_loss(teacher, s)
+        grad = tape.gradient(loss, s).numpy()
+        np.testing.assert_allclose(grad, limit, atol=0.03 * np.abs(limit).max())
 
 
 def test_kd_loss_is_zero_when_student_matches_teacher():
@@ -66,6 +75,48 @@ def test_keras_kl_divergence_adapter_matches_kd_loss():
     assert float(adapted.compute_loss(teacher, student)) == pytest.approx(
         float(KDLoss(10.0).compute_loss(teacher, student)), rel=1e-4
     )
+
+
+def _logits(seed=3):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(16, 10)) * 3).astype("float32"), rng.normal(size=(16, 10)).astype("float32")
+
+
+def test_keras_logits_distillation_default_becomes_hinton_kd():
+    # Keras resolves its default "kl_divergence" to a function that reads
+    # logits as probabilities; ours must always be Hinton's KD.
+    teacher, student = _logits()
+    keras_default = keras.distillation.LogitsDistillation(temperature=3.0)
+    converted = as_distillation_loss(keras_default, 10.0)
+    expected = _hand_kd(teacher, student, 3.0)
+    assert float(converted.compute_loss(teacher, student)) == pytest.approx(expected, rel=1e-5)
+    assert abs(float(keras_default.compute_loss(teacher, student)) - expected) > 1.0
+    with_object = keras.distillation.LogitsDistillation(
+        temperature=3.0, loss=keras.losses.KLDivergence())
+    assert float(as_distillation_loss(with_object, 10.0).compute_loss(teacher, student)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_keras_logits_distillation_with_another_loss_keeps_its_meaning():
+    teacher, student = _logits()
+    loss = keras.distillation.LogitsDistillation(temperature=2.0, loss="mse")
+    expected = np.mean((teacher / 2.0 - student / 2.0) ** 2)
+    assert float(as_distillation_loss(loss, 10.0).compute_loss(teacher, student)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_keras_feature_distillation_with_a_loss_object_is_the_plain_mean():
+    teacher, student = _logits()
+    loss = keras.distillation.FeatureDistillation(loss=keras.losses.MeanSquaredError())
+    expected = np.mean((teacher - student) ** 2)
+    assert float(as_distillation_loss(loss, 10.0).compute_loss(teacher, student)) == \
+        pytest.approx(expected, rel=1e-5)
+
+
+def test_keras_distillation_with_several_losses_is_rejected():
+    with pytest.raises(ValueError, match="distils one output"):
+        as_distillation_loss(keras.distillation.LogitsDistillation(
+            loss=["kl_divergence", "mse"]), 10.0)
 
 
 def test_bad_temperature_is_rejected():

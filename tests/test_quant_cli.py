@@ -64,6 +64,10 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     assert summary["after"]["top1"] >= summary["before"]["top1"] - 0.02
     assert summary["deploy_activation_dtype"] == "uint8"
     assert summary["config"]["deploy_activation_dtype"] == "uint8"
+    # batch_num 2 at batch 32: 64 of the 128 calibration images set the ranges.
+    assert (summary["batch_num"], summary["calibration_range_images"]) == (2, 64)
+    assert ("activation ranges: min/max of the first 64 of the 128 calibration images "
+            "(batch_num 2 x batch_size 32)") in proc.stdout
     assert "deploy model (uint8 activations) written to" in proc.stdout
     # One CPU device: --distributed is a logged one-replica run (see distribute.py).
     assert "--distributed with a single device: running one replica" in proc.stdout

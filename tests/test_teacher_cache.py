@@ -136,6 +136,41 @@ def test_a_corrupt_cache_file_is_recomputed(teacher, small_data, tmp_path):
     assert out.source == "computed" and predict.images == len(x)
 
 
+def test_a_teacher_reloaded_from_its_file_and_recompiled_keeps_its_key(
+        teacher, small_data, tmp_path):
+    teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    path = tmp_path / "teacher.keras"
+    teacher.save(path)
+    reloaded = keras.saving.load_model(path)
+    reloaded.compile(optimizer="sgd", loss="mae", metrics=["accuracy"])
+    x = small_data.x_train[:64]
+    key = teacher_cache.cache_key(teacher, x, data_lib.preprocess)
+    assert teacher_cache.cache_key(reloaded, x, data_lib.preprocess) == key
+
+
+def test_an_unreadable_key_file_is_logged_and_recomputed(teacher, small_data, tmp_path, caplog):
+    x = small_data.x_train[:64]
+    _outputs(teacher, x, tmp_path)
+    with open(os.path.join(tmp_path, teacher_cache.KEY_FILE), "w") as f:
+        f.write("{not json")
+    with caplog.at_level(logging.WARNING, logger="knowledge_distillation"):
+        again, predict = _outputs(teacher, x, tmp_path)
+    assert again.source == "computed" and predict.images == len(x)
+    assert "cannot read the key file" in caplog.text
+
+
+def test_preprocessing_fingerprint_is_stable_and_never_a_memory_address():
+    class Scale:
+        def __call__(self, x):
+            return x / 255.0
+
+    first = teacher_cache.preprocessing_fingerprint(data_lib.preprocess)
+    assert first == teacher_cache.preprocessing_fingerprint(data_lib.preprocess)
+    assert "0x" not in first
+    with pytest.raises(ValueError, match="cannot fingerprint the preprocessing Scale"):
+        teacher_cache.preprocessing_fingerprint(Scale())
+
+
 def test_random_augmentation_disables_the_cache_and_says_why():
     use, why = teacher_cache.cache_decision("random flip")
     assert not use and "random flip" in why and "every step" in why

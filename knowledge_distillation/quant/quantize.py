@@ -290,6 +290,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "weight_dst_types": weight_types,
         "epochs": epochs,
         "calibration_size": len(images),
+        "batch_num": config.batch_num,
+        "calibration_range_images": quantize_distill.range_images(
+            len(images), batch_size, config.batch_num),
         "test_size": len(x_test),
         "before": {"top1": before[0], "top5": before[1]},
         "after": {"top1": after[0], "top5": after[1]},

@@ -174,6 +174,11 @@ class CarriedOutputs:
         return self.values[tensor_id][which]
 
 
+def range_images(num_images, batch_size, batch_num):
+    """How many images set the activation ranges: AMCT's `batch_num` batches of `batch_size`."""
+    return min(int(num_images), int(batch_size) * int(batch_num))
+
+
 def calibrate_block(student, x_in, batch_size, batch_num):
     """Initialises the activation ranges of a block's quantized layers.
 
@@ -247,6 +252,10 @@ def _distill(qmodel, images, epochs, batch_size, batch_num, max_input_drift, lea
     if images.ndim < 2 or len(images) == 0:
         raise ValueError(f"distill needs a non-empty batch of images, got shape {images.shape}")
     batch_num = batch_num or qmodel.config.batch_num
+    logger.info(
+        "activation ranges: min/max of the first %d of the %d calibration images "
+        "(batch_num %d x batch_size %d)", range_images(len(images), batch_size, batch_num),
+        len(images), batch_num, batch_size)
     keras.utils.set_random_seed(seed)
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
