@@ -8,7 +8,6 @@ timings drift.
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -17,23 +16,9 @@ import numpy as np
 
 def machine():
     """CPU model, core count, ISA flags that matter, and the 1-minute load."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name") and model in ("", "unknown", "x86_64"):
-                    model = line.split(":", 1)[1].strip()
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
-    return {
-        "cpu": model,
-        "cores": os.cpu_count(),
-        "isa": isa,
-        "load_avg_1m": os.getloadavg()[0],
-    }
+    from knowledge_distillation.util import cpu
+
+    return cpu.describe()
 
 
 def matmul_gflops(n=2048, repeats=3, dtype=np.float32):

@@ -67,8 +67,9 @@ def main(argv):
     import numpy as np
 
     from knowledge_distillation import data as data_lib
-    from knowledge_distillation import models, teacher_cache
-    from knowledge_distillation.distiller import Distiller
+    from knowledge_distillation import models
+    from knowledge_distillation.kd import teacher_cache
+    from knowledge_distillation.kd.distiller import Distiller
 
     data = data_lib.load_data(FLAGS.data_path, train_size=FLAGS.train_size,
                               test_size=FLAGS.test_size)

@@ -3,8 +3,8 @@
 __version__ = "0.1.0"
 
 from knowledge_distillation.config import DeviceConfig, TrainConfig
-from knowledge_distillation.distiller import Distiller
-from knowledge_distillation.losses import KDLoss, soft_kl_divergence
+from knowledge_distillation.kd.distiller import Distiller
+from knowledge_distillation.kd.losses import KDLoss, soft_kl_divergence
 from knowledge_distillation.models import build_model, load_model
 
 __all__ = [

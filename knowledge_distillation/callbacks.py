@@ -6,6 +6,8 @@ import time
 
 import keras
 
+from knowledge_distillation.util.files import save_weights_atomic
+
 logger = logging.getLogger(__name__)
 
 
@@ -103,6 +105,4 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         path = os.path.join(self.directory, f"epoch_{epoch + 1:03d}.weights.h5")
-        tmp = path + ".tmp.weights.h5"
-        self.target.save_weights(tmp)
-        os.replace(tmp, path)
+        save_weights_atomic(self.target, path)

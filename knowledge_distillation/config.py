@@ -53,7 +53,7 @@ class DeviceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DistributeConfig:
-    """The `--distributed` flags (see `distribute.py` for what runs).
+    """The `--distributed` flags (see the `distribute` package for what runs).
 
     Args:
         distributed: train on every local device, or across hosts / NPU ranks.

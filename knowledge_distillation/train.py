@@ -11,7 +11,6 @@ through `keras.callbacks.BackupAndRestore`.
 """
 
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -23,29 +22,16 @@ import numpy as np
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
 from knowledge_distillation import models
-from knowledge_distillation import teacher_cache
+from knowledge_distillation.kd import teacher_cache
 from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
-from knowledge_distillation.device import setup_device
-from knowledge_distillation.distiller import Distiller
+from knowledge_distillation.ascend.device import setup_device
+from knowledge_distillation.kd.distiller import Distiller
+from knowledge_distillation.util.files import save_model_atomic, write_json_atomic
+from knowledge_distillation.util.inference import batched_predict
 
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-
-
-def write_json_atomic(path, payload):
-    """Writes JSON to `path` through a temporary file and a rename."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _save_model_atomic(model, path):
-    tmp = path[: -len(".keras")] + ".tmp.keras"
-    model.save(tmp)
-    os.replace(tmp, path)
 
 
 class _Phase:
@@ -229,7 +215,7 @@ class Trainer:
             verbose=_verbose(),
         )
         seconds = time.perf_counter() - start
-        _save_model_atomic(target, phase.model_path)
+        save_model_atomic(target, phase.model_path)
         metrics = _last_epoch_metrics(history)
         return {
             "training_time_sec": seconds,
@@ -327,8 +313,8 @@ class Trainer:
         """Teacher logits of `x` (default: the training split), batched, inference mode."""
         x = self.data.x_train if x is None else x
         ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512)
-        logits = teacher.predict(self.dist.shard(ds.map(lambda x, y: x), training=False), verbose=0)
-        return np.asarray(logits, dtype=np.float32)
+        inputs = self.dist.shard(ds.map(lambda x, y: x), training=False)
+        return batched_predict(teacher, inputs, compiled=True).astype(np.float32)
 
     def _steps_per_execution(self):
         requested = self.config.steps_per_execution
@@ -344,7 +330,7 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------
     def run(self):
-        """Runs the three phases under `--distributed`'s engine (see distribute.py)."""
+        """Runs the three phases under `--distributed`'s engine (see the distribute package)."""
         cfg = self.config
         # First: logical devices and multi-worker collectives need TensorFlow unstarted.
         self.dist = distribute.setup(

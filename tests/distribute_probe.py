@@ -30,7 +30,7 @@ def main(num_cpu_devices):
     import numpy as np
     import tensorflow as tf
 
-    from knowledge_distillation.distiller import Distiller
+    from knowledge_distillation.kd.distiller import Distiller
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(128, 12)).astype("float32")

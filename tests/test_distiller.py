@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from knowledge_distillation import data as data_lib
-from knowledge_distillation.distiller import Distiller
-from knowledge_distillation.losses import KDLoss
+from knowledge_distillation.kd.distiller import Distiller
+from knowledge_distillation.kd.losses import KDLoss
 from knowledge_distillation.models import build_model
 
 

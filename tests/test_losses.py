@@ -2,10 +2,9 @@ import keras
 import numpy as np
 import pytest
 
-from knowledge_distillation.losses import (
+from knowledge_distillation.kd.losses import (
     KDLoss,
     as_distillation_loss,
-    soft_kl_divergence,
 )
 
 

@@ -69,7 +69,7 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     assert ("activation ranges: min/max of the first 64 of the 128 calibration images "
             "(batch_num 2 x batch_size 32)") in proc.stdout
     assert "deploy model (uint8 activations) written to" in proc.stdout
-    # One CPU device: --distributed is a logged one-replica run (see distribute.py).
+    # One CPU device: --distributed is a logged one-replica run (see the distribute package).
     assert "--distributed with a single device: running one replica" in proc.stdout
 
 

@@ -14,7 +14,8 @@ from knowledge_distillation.quant import (
     create_quant_model,
     onnx_session,
 )
-from knowledge_distillation.quant import quantize_onnx
+from knowledge_distillation.quant import quantize_onnx, quantize_onnx_builder
+from knowledge_distillation.util import cpu as cpu_info
 
 
 def _model():
@@ -289,12 +290,12 @@ def test_deploy_activation_dtype_reads_cpuinfo(caplog, monkeypatch, tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\n"
                        "processor\t: 1\nflags\t\t: fpu avx2 avx512_vnni\n")
-    monkeypatch.setattr(quantize_onnx, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(cpu_info, "CPUINFO", str(cpuinfo))
     assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "uint8"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2\n")
     assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "int8"
     # flags unreadable (not Linux): int8, the safe choice, and uint8 without a warning
-    monkeypatch.setattr(quantize_onnx, "CPUINFO", str(tmp_path / "missing"))
+    monkeypatch.setattr(cpu_info, "CPUINFO", str(tmp_path / "missing"))
     caplog.clear()  # earlier tests may leave the logger at INFO: drop the two lines above
     with caplog.at_level(logging.INFO, logger="knowledge_distillation"):
         assert quantize_onnx.deploy_activation_dtype(machine="x86_64") == "int8"
@@ -311,7 +312,7 @@ def test_deploy_activation_dtype_reads_cpuinfo(caplog, monkeypatch, tmp_path):
 @pytest.mark.parametrize("shape", [(3, 5), (64, 128)])
 def test_int4_initializers_are_packed_two_per_byte(shape):
     values = np.random.default_rng(0).integers(-7, 8, size=shape)
-    builder = quantize_onnx._Builder()
+    builder = quantize_onnx_builder.Builder()
     builder.int4_const("w", values)
     (tensor,) = builder.initializers
     assert tensor.data_type == onnx.TensorProto.INT4

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from knowledge_distillation import data as data_lib
-from knowledge_distillation import teacher_cache
+from knowledge_distillation.kd import teacher_cache
 from knowledge_distillation.config import DeviceConfig, TrainConfig
-from knowledge_distillation.distiller import Distiller
+from knowledge_distillation.kd.distiller import Distiller
 from knowledge_distillation.models import build_model
 from knowledge_distillation.train import Trainer
 
@@ -88,7 +88,7 @@ def test_any_change_to_the_key_recomputes_and_logs_what_changed(
         kw["preprocessing_version"] = "2"
     elif change == "dtype":
         teacher.layers[-1].dtype_policy = keras.DTypePolicy("mixed_bfloat16")
-    with caplog.at_level(logging.INFO, logger="knowledge_distillation.teacher_cache"):
+    with caplog.at_level(logging.INFO, logger="knowledge_distillation.kd.teacher_cache"):
         out, predict = _outputs(teacher, x, tmp_path, **kw)
     assert out.source == "computed" and predict.images == len(x)
     stale = [r.getMessage() for r in caplog.records if "stale" in r.getMessage()]

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
+from knowledge_distillation.util.inference import batched_predict
 from knowledge_distillation import data as data_lib
 from knowledge_distillation.quant import quantize_distill, quantize_onnx
 from knowledge_distillation.quant.quantize_build import create_quant_model, float32_policy
@@ -114,8 +115,7 @@ def _batches(x, batch_size, num_parallel_reads=None):
 
 def keras_logits(model, x, batch_size=256, num_parallel_reads=None):
     """Logits of a Keras model on raw images (preprocessed by `data.preprocess`)."""
-    return np.concatenate([np.asarray(model(images, training=False))
-                           for images in _batches(x, batch_size, num_parallel_reads)])
+    return batched_predict(model, _batches(x, batch_size, num_parallel_reads))
 
 
 def onnx_session(model, num_threads=None):

@@ -30,7 +30,8 @@ from typing import Optional
 
 from absl import flags
 
-from knowledge_distillation import cli
+from knowledge_distillation import flags as kd_flags
+from knowledge_distillation.util.logs import setup_logging
 from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig
 
 logger = logging.getLogger("knowledge_distillation.quant")
@@ -60,7 +61,7 @@ class QuantizeConfig:
         seed: seed of the calibration sample and of training.
         distribute: the `--distributed` flags, the trainer's (distil on every
             local device, across hosts or across NPU ranks; see
-            `knowledge_distillation/distribute.py`).
+            `knowledge_distillation/distribute/`).
         deploy_activation_dtype: the deploy model's activations, "auto"
             (uint8 on an x86-64 CPU with VNNI, else int8), "int8" or "uint8".
     """
@@ -124,7 +125,7 @@ def define_flags(fv):
                        "Largest relative error of a block's quantized input before it "
                        "learns from the float input instead.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the calibration sample and training.", flag_values=fv)
-    cli.define_distribute_flags(fv)
+    kd_flags.define_distribute_flags(fv)
     flags.DEFINE_enum(
         "deploy_activation_dtype", "auto", list(DEPLOY_ACTIVATION_DTYPES),
         "Activations of the deploy ONNX model (same logits either way). int8: int8 x int8 "
@@ -141,18 +142,7 @@ def quantize_config(fv):
         raise ValueError("--model is required: the float .keras model to quantize")
     names = [f.name for f in dataclasses.fields(QuantizeConfig) if f.name != "distribute"]
     return QuantizeConfig(**{name: fv[name].value for name in names},
-                          distribute=cli.distribute_config(fv))
-
-
-def _setup_logging():
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
+                          distribute=kd_flags.distribute_config(fv))
 
 
 def info_line(name, when, accuracy):
@@ -165,7 +155,7 @@ def run(config):
     """Loads the model and data, quantizes, writes the summary; returns it.
 
     Under `--distributed` every worker distils; only the chief writes
-    `--output_dir` (see `knowledge_distillation/distribute.py`).
+    `--output_dir` (see `knowledge_distillation/distribute/`).
     """
     from knowledge_distillation import distribute
 
@@ -181,10 +171,10 @@ def _run(config, output_dir):
     from knowledge_distillation import data as data_lib
     from knowledge_distillation import models
     from knowledge_distillation.config import DeviceConfig
-    from knowledge_distillation.device import setup_device
+    from knowledge_distillation.ascend.device import setup_device
     from knowledge_distillation.quant.quantize import quantize_model
     from knowledge_distillation.quant.quantize_config import load_simple_config
-    from knowledge_distillation.quant.quantize_io import atomic_write
+    from knowledge_distillation.util.files import write_json_atomic
 
     # Quantization factors are learned and checked in float32.
     setup_device(DeviceConfig(precision_mode="must_keep_origin_dtype"), output_dir)
@@ -209,7 +199,7 @@ def _run(config, output_dir):
     )
     summary["config"] = dataclasses.asdict(config)
     path = os.path.join(output_dir, SUMMARY_FILE)
-    atomic_write(path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(path, summary)
     summary["paths"]["summary"] = path
     return summary
 
@@ -219,17 +209,11 @@ def main(argv=None):
     argv = list(sys.argv if argv is None else argv)
     fv = flags.FlagValues()
     define_flags(fv)
-    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
-        print(f"usage: {PROG} --model PATH.keras [--flag=value ...]\n")
-        print(fv.get_help())
-        return 0
-    try:
-        fv(argv)
-        config = quantize_config(fv)
-    except (flags.Error, ValueError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    _setup_logging()
+    config = kd_flags.parse(fv, argv, PROG, "--model PATH.keras [--flag=value ...]",
+                            to_config=quantize_config)
+    if isinstance(config, int):
+        return config
+    setup_logging()
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     try:
         summary = run(config)

@@ -34,7 +34,7 @@ from typing import Optional
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from knowledge_distillation.quant import quantize_graph
-from knowledge_distillation.quant.quantize_io import atomic_write
+from knowledge_distillation.util.files import atomic_write
 from knowledge_distillation.quant.quantize_math import check_dst_type
 
 CONFIG_VERSION = 1

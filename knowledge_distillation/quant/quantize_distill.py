@@ -27,10 +27,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from knowledge_distillation.distiller import Distiller
+from knowledge_distillation.kd.distiller import Distiller
 from knowledge_distillation.quant import quantize_layers
 from knowledge_distillation.quant.quantize_build import float32_policy
 from knowledge_distillation.quant.quantize_layers import QuantizedLayer
+from knowledge_distillation.util.inference import array_batches, batched_predict
 
 logger = logging.getLogger(__name__)
 
@@ -91,15 +92,7 @@ def predict(model, x, batch_size=256):
     Runs eagerly: a quantized layer's frozen/unfrozen switch is a Python
     attribute, which a cached `predict` trace would not see change.
     """
-    if isinstance(x, list):
-        n = len(x[0])
-        batch = lambda i: [np.asarray(a[i:i + batch_size]) for a in x]  # noqa: E731
-    else:
-        n = len(x)
-        batch = lambda i: np.asarray(x[i:i + batch_size])  # noqa: E731
-    return np.concatenate([
-        keras.ops.convert_to_numpy(model(batch(i), training=False))
-        for i in range(0, n, batch_size)])
+    return batched_predict(model, array_batches(x, batch_size))
 
 
 def relative_error(x, reference):

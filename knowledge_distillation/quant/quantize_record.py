@@ -32,7 +32,7 @@ import os
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
-from knowledge_distillation.quant.quantize_io import atomic_write
+from knowledge_distillation.util.files import atomic_write
 from knowledge_distillation.quant.quantize_layers import QuantState
 
 _PACKAGE = "knowledge_distillation.quant.record"

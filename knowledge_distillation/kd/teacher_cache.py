@@ -55,6 +55,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from knowledge_distillation.util.digest import hash_array, weights_digest
+from knowledge_distillation.util.files import atomic_path, write_json_atomic
+
 logger = logging.getLogger(__name__)
 
 # Bump when the meaning of the stored array changes (layout, dtype).
@@ -68,39 +71,6 @@ DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 DEFAULT_CHUNK_BYTES = 256 << 20
 ARRAY_FILE = "teacher_logits.npy"
 KEY_FILE = "teacher_logits.key.json"
-_HASH_BLOCK = 1 << 24
-
-
-def _digest():
-    return hashlib.blake2b(digest_size=16)
-
-
-def hash_array(array):
-    """Hex digest of an array's dtype, shape and every byte of its data.
-
-    Reads memory-mapped arrays block by block, without loading them whole.
-    """
-    h = _digest()
-    array = np.asarray(array)
-    h.update(f"{array.dtype.str}{array.shape}".encode())
-    flat = array.reshape(-1) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1)
-    step = max(1, _HASH_BLOCK // max(1, flat.itemsize))
-    for start in range(0, flat.size, step):
-        h.update(memoryview(np.ascontiguousarray(flat[start:start + step])).cast("B"))
-    return h.hexdigest()
-
-
-def hash_weights(model):
-    """Hex digest of every variable of `model` (trainable or not), in order.
-
-    Only the values count (dtype, shape, bytes), not the variables' names or
-    paths: a model reloaded from its file gets new paths but gives the same
-    outputs.
-    """
-    h = _digest()
-    for variable in model.weights:
-        h.update(hash_array(keras.ops.convert_to_numpy(variable)).encode())
-    return h.hexdigest()
 
 
 def hash_architecture(model):
@@ -173,7 +143,7 @@ def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_V
     images = np.asarray(images) if not isinstance(images, np.ndarray) else images
     return {
         "format": CACHE_FORMAT,
-        "teacher_weights": hash_weights(teacher),
+        "teacher_weights": weights_digest(teacher),
         "teacher_architecture": hash_architecture(teacher),
         "images": {
             "shape": list(images.shape),
@@ -277,11 +247,7 @@ def _read_key(path):
 
 
 def _write_key(path, key):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(key, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, key)
 
 
 def _load(path, key, in_memory):
@@ -375,24 +341,24 @@ def teacher_outputs(
     if chunk_examples is None:
         image_bytes = 4 * int(np.prod(np.shape(images)[1:], dtype=np.int64))
         chunk_examples = max(1, DEFAULT_CHUNK_BYTES // max(image_bytes, 1))
-    array = _compute(predict, images, (n,) + out_shape, chunk_examples,
-                     None if in_memory else array_path + ".tmp")
+    if cache_dir is not None and os.path.exists(key_path):
+        # Invalidate first: a crash before the new key is written must not
+        # pair a new array with an old key.
+        os.remove(key_path)
+    shape = (n,) + out_shape
+    if in_memory:
+        array = _compute(predict, images, shape, chunk_examples, None)
+        if cache_dir is not None:
+            with atomic_path(array_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, array)
+    else:
+        # Written chunk by chunk into the file, never whole in memory.
+        with atomic_path(array_path) as tmp:
+            _compute(predict, images, shape, chunk_examples, tmp).flush()
+        array = np.load(array_path, mmap_mode="r")
     seconds = time.perf_counter() - start
     if cache_dir is not None:
-        # Invalidate first: a crash between the two writes must not pair a
-        # new array with an old key.
-        if os.path.exists(key_path):
-            os.remove(key_path)
-        if in_memory:
-            tmp = array_path + ".tmp"
-            with open(tmp, "wb") as f:
-                np.save(f, array)
-            os.replace(tmp, array_path)
-        else:
-            array.flush()
-            del array
-            os.replace(array_path + ".tmp", array_path)
-            array = np.load(array_path, mmap_mode="r")
         _write_key(key_path, key)
     logger.info("teacher cache: %d outputs in %.1f s (key hashed in %.2f s)",
                 n, seconds, hash_seconds)

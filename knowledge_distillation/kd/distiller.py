@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from knowledge_distillation.losses import as_distillation_loss, loss_temperature, replica_mean
+from knowledge_distillation.kd.losses import as_distillation_loss, loss_temperature, replica_mean
 
 DEFAULT_TEMPERATURE = 10.0
 _DISTILLER_COMPILE_KEYS = ("student_loss_fn", "distillation_loss_fn", "alpha", "temperature")

@@ -15,8 +15,8 @@ model.fit(train_ds, callbacks=[*my_callbacks, *session.callbacks()])
 When `import npu_device` succeeds, the ModelZoo flags configure
 `npu_device.global_options()` exactly as ModelZoo's `npu_config()` does and
 CANN does the work. Elsewhere each flag does its nearest TensorFlow/Keras
-equivalent: `device_precision.py` (precision modes, mixlists),
-`device_fusion.py` (fusion switches), `device_callbacks.py` (data dump,
+equivalent: `precision.py` (precision modes, mixlists),
+`fusion.py` (fusion switches), `dump.py` and `monitors.py` (data dump,
 overflow detection, static shapes, profiling).
 """
 
@@ -29,11 +29,14 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from knowledge_distillation import device_callbacks
-from knowledge_distillation import device_fusion
-from knowledge_distillation import device_precision
+from knowledge_distillation.ascend import dump as data_dump
+from knowledge_distillation.ascend import monitors
+from knowledge_distillation.ascend import fusion as device_fusion
+from knowledge_distillation.ascend import precision as device_precision
 from knowledge_distillation.config import DEFAULT_STEPS_PER_EXECUTION, DeviceConfig
-from knowledge_distillation.device_probe import StepProbe
+from knowledge_distillation.ascend.probe import StepProbe
+from knowledge_distillation.util import cpu as cpu_info
+from knowledge_distillation.util.files import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +166,6 @@ def configure_npu(npu_device, config, paths):
         options.fusion_switch_file = os.path.abspath(config.fusion_off_file)
 
 
-def _cpu_has_bf16():
-    """True/False from /proc/cpuinfo flags; None where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = f.read().split()
-    except OSError:
-        return None
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 class DeviceSession:
     """What the device set-up decided, for the trainer and the quantizer.
 
@@ -213,7 +206,7 @@ class DeviceSession:
     def prepare_model(self, model):
         """Applies the precision mode to `model`'s layers, in place.
 
-        Each layer gets a dtype policy (see `device_precision.py`); weights
+        Each layer gets a dtype policy (see `precision.py`); weights
         are kept. Call it before `compile`; a Distiller may be passed whole
         (teacher and student are both prepared). On Ascend, CANN applies the
         precision mode and the model is returned unchanged.
@@ -336,20 +329,20 @@ class DeviceSession:
             probe = StepProbe(capture=dump, check_finite=overflow)
         callbacks = []
         if config.static:
-            callbacks.append(device_callbacks.StaticShapeGuard(probe))
+            callbacks.append(monitors.StaticShapeGuard(probe))
         if dump:
             callbacks.append(
-                device_callbacks.DataDump(
+                data_dump.DataDump(
                     probe, self.paths["data_dump_path"], self.dump_steps
                 )
             )
         if overflow:
             callbacks.append(
-                device_callbacks.OverflowMonitor(probe, self.paths["over_dump_path"])
+                monitors.OverflowMonitor(probe, self.paths["over_dump_path"])
             )
         if config.profiling and not self.on_npu:
             callbacks.append(
-                device_callbacks.ProfilerWindow(self.paths["profiling_dump_path"])
+                monitors.ProfilerWindow(self.paths["profiling_dump_path"])
             )
         return callbacks
 
@@ -364,7 +357,7 @@ def _read_mixlist(config, on_npu):
             config.precision_mode,
         )
         return None
-    data = device_precision.read_json_file(config.mixlist_file, "mixlist_file")
+    data = read_json_file(config.mixlist_file, "mixlist_file")
     return device_precision.parse_mixlist(
         data, config.mixlist_file, check_op_types=not on_npu
     )
@@ -468,7 +461,7 @@ def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
         global_policy,
         why,
     )
-    if mode != "must_keep_origin_dtype" and not has_gpu and _cpu_has_bf16() is False:
+    if mode != "must_keep_origin_dtype" and not has_gpu and cpu_info.has_bf16() is False:
         logger.warning(
             "this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16): bfloat16 "
             "is emulated and may be slower than --precision_mode=must_keep_origin_dtype"

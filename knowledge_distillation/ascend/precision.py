@@ -19,10 +19,10 @@ no loss scaling needed).
 """
 
 import dataclasses
-import json
 import logging
 
 import keras
+
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +171,6 @@ class MixList:
     white: frozenset = MATRIX_OPS
     black: frozenset = DEFAULT_BLACK_OPS
     gray: frozenset = frozenset()
-
-
-def read_json_file(path, flag):
-    """Parses a JSON file; any failure is one ValueError naming flag and file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"--{flag}={path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--{flag}={path}: not valid JSON ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--{flag}={path}: cannot be read ({e})") from None
 
 
 def parse_mixlist(data, path, check_op_types=True):

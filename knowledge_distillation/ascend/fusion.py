@@ -16,7 +16,7 @@ import logging
 
 import tensorflow as tf
 
-from knowledge_distillation.device_precision import read_json_file
+from knowledge_distillation.util.files import read_json_file
 
 logger = logging.getLogger(__name__)
 

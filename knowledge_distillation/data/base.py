@@ -1,0 +1,104 @@
+"""`ImageData`, `DataError`, and the checks of loaded arrays.
+
+Every failure is one `DataError` line naming the file.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageData:
+    """An image classification data set held in memory as raw arrays.
+
+    Attributes:
+        x_train: training images, `(N, H, W, C)`, channels-last, in the dtype
+            they were stored in (uint8 for MNIST files).
+        y_train: training labels, `(N,)` int64.
+        x_test: test images, like `x_train`.
+        y_test: test labels, like `y_train`.
+        num_classes: number of classes, read from the data.
+        name: the data set's name (the folder name, or the tfds name).
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    name: str
+
+    @property
+    def input_shape(self) -> tuple:
+        """The shape of one image, `(H, W, C)`."""
+        return tuple(self.x_train.shape[1:])
+
+
+class DataError(ValueError):
+    """Bad or missing data.
+
+    `str(e)` is one line naming the file, what was found and what was
+    expected; any line breaks in the message are folded into spaces.
+    """
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+def _check_images(x, source):
+    if x.ndim == 3:
+        x = x[..., np.newaxis]
+    if x.ndim != 4:
+        raise DataError(
+            f"{source}: images of shape {x.shape}; expected (N, H, W) or "
+            "(N, H, W, C)"
+        )
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise DataError(
+            f"{source}: images of dtype {x.dtype}; expected uint8 (0..255) or "
+            "floating point (already scaled)"
+        )
+    if len(x) == 0:
+        raise DataError(f"{source}: empty split, 0 images; expected at least 1")
+    return x
+
+
+def _check_labels(y, source, num_images, images_source):
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(f"{source}: labels of shape {y.shape}; expected (N,)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(
+            f"{source}: labels of dtype {y.dtype}; expected integer class ids"
+        )
+    if len(y) != num_images:
+        raise DataError(
+            f"{source}: {len(y)} labels; expected {num_images}, one per image "
+            f"in {images_source}"
+        )
+    if len(y) and y.min() < 0:
+        raise DataError(
+            f"{source}: label {int(y.min())} out of range; expected class ids "
+            ">= 0"
+        )
+    return y.astype(np.int64)
+
+
+def _check_same_image_shape(images, sources):
+    train_shape, test_shape = images["train"].shape[1:], images["test"].shape[1:]
+    if train_shape != test_shape:
+        raise DataError(
+            f"{sources['x_test']}: images of shape {test_shape}; expected "
+            f"{train_shape} like {sources['x_train']}"
+        )
+
+
+def _take(array, size, arg, source):
+    if size is not None and size > len(array):
+        raise DataError(
+            f"{source}: holds {len(array)} examples; {arg}={size} asks for more"
+        )
+    # A copy: writable, and a slice does not pin the whole file's buffer.
+    return array[:size].copy()

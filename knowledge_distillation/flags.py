@@ -1,0 +1,137 @@
+"""The flag definitions both command lines share, and their parsing.
+
+absl flags are defined here on a `FlagValues` the caller owns and turned
+into the frozen configs of `config.py`; nothing below the command lines
+reads a flag. The trainer's flag names and defaults are ModelZoo's
+(`python knowledge_distillation.py --epoch 5`, `bash test/train_full_1p.sh
+--data_path=...`) plus the KD hyper-parameters; the quantizer adds AMCT's
+(`knowledge_distillation/quant/quantize_cli.py`) and shares `--distributed`'s.
+"""
+
+import dataclasses
+import sys
+
+from absl import flags
+
+from knowledge_distillation.config import (
+    DEFAULT_DATA_PATH,
+    DEFAULT_STEPS_PER_EXECUTION,
+    PRECISION_MODES,
+    DeviceConfig,
+    DistributeConfig,
+    TrainConfig,
+)
+
+
+def define_device_flags(fv):
+    """Defines the ModelZoo device flags on the FlagValues `fv`."""
+    flags.DEFINE_enum(
+        "precision_mode", "allow_mix_precision", PRECISION_MODES,
+        "Ascend precision mode; on GPU/CPU the matching Keras dtype policy.",
+        flag_values=fv)
+    flags.DEFINE_boolean(
+        "static", False,
+        "Static shapes: every batch full (drop_remainder) in training and evaluation.",
+        flag_values=fv)
+    flags.DEFINE_alias("eval_static", "static", flag_values=fv)
+    flags.DEFINE_boolean("over_dump", False, "Overflow (inf/nan) detection and dump.", flag_values=fv)
+    flags.DEFINE_string("over_dump_path", None, "Where overflow dumps go (default: OUTPUT_DIR/over_dump).", flag_values=fv)
+    flags.DEFINE_boolean("data_dump_flag", False, "Dump tensors at --data_dump_step.", flag_values=fv)
+    flags.DEFINE_string("data_dump_step", "10", "Step(s) to dump: 10, 10|20, or ranges such as 0|5|10-20.", flag_values=fv)
+    flags.DEFINE_string("data_dump_path", None, "Where data dumps go (default: OUTPUT_DIR/data_dump).", flag_values=fv)
+    flags.DEFINE_boolean("profiling", False, "Profile a window of training steps.", flag_values=fv)
+    flags.DEFINE_string("profiling_dump_path", None, "Where profiles go (default: OUTPUT_DIR/profiling).", flag_values=fv)
+    flags.DEFINE_boolean("use_mixlist", False, "Apply --mixlist_file (only with allow_mix_precision).", flag_values=fv)
+    flags.DEFINE_string("mixlist_file", "ops_info.json", "Ascend ops_info.json per-op precision lists.", flag_values=fv)
+    flags.DEFINE_boolean("fusion_off_flag", False, "Switch graph fusions off per --fusion_off_file.", flag_values=fv)
+    flags.DEFINE_string("fusion_off_file", "fusion_switch.cfg", "Ascend fusion_switch.cfg.", flag_values=fv)
+
+
+def define_distribute_flags(fv):
+    """Defines the `--distributed` flags on the FlagValues `fv` (see the distribute package)."""
+    flags.DEFINE_boolean(
+        "distributed", False,
+        "Train on every local GPU (or --num_cpu_devices CPU devices), across "
+        "hosts (TF_CONFIG or --worker_hosts), or across NPU ranks (RANK_SIZE).",
+        flag_values=fv)
+    flags.DEFINE_integer("num_cpu_devices", None, "CPU-only host: logical CPU devices to train on.", flag_values=fv)
+    flags.DEFINE_list("worker_hosts", None, "host:port of every worker, chief first (multi-host).", flag_values=fv)
+    flags.DEFINE_integer("task_index", None, "This host's index in --worker_hosts.", flag_values=fv)
+    flags.DEFINE_string("dist_url", None, "AMCT's tcp://host:port: the chief's address.", flag_values=fv)
+
+
+def define_trainer_flags(fv):
+    """Defines every trainer flag on the FlagValues `fv`."""
+    flags.DEFINE_string(
+        "data_path", DEFAULT_DATA_PATH,
+        "Folder with mnist.npz or the four MNIST IDX files (or the tfds data_dir).",
+        flag_values=fv)
+    flags.DEFINE_string("dataset", None, "tfds:NAME to read a prepared tensorflow-datasets set.", flag_values=fv)
+    flags.DEFINE_integer("epoch", 5, "Epochs of the scratch and distilled students.", flag_values=fv)
+    flags.DEFINE_integer("teacher_epoch", None, "Epochs of the teacher (default: --epoch).", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "Examples per step.", flag_values=fv)
+    flags.DEFINE_integer("log_steps", 100, "Steps between throughput log lines.", flag_values=fv)
+    flags.DEFINE_float("alpha", 0.1, "Weight of the label loss (1 - alpha weighs distillation).", flag_values=fv)
+    flags.DEFINE_float("temperature", 10.0, "Distillation softmax temperature.", flag_values=fv)
+    flags.DEFINE_float("learning_rate", 1e-3, "Adam peak learning rate (cosine decay to 0).", flag_values=fv)
+    flags.DEFINE_integer("seed", 42, "Seed of initial weights and shuffling.", flag_values=fv)
+    flags.DEFINE_string("output_dir", "output", "Models, checkpoints, logs and summary.json.", flag_values=fv)
+    flags.DEFINE_string("teacher", "cnn", "Zoo teacher: cnn, seed_teacher or mlp_teacher.", flag_values=fv)
+    flags.DEFINE_string("student", "mlp_student", "Zoo student: mlp_student (Hinton 2x800) or seed_student.", flag_values=fv)
+    flags.DEFINE_string("teacher_model", None, "A trained .keras teacher (evaluated, not retrained).", flag_values=fv)
+    flags.DEFINE_string("student_model", None, "A .keras student architecture (re-initialised).", flag_values=fv)
+    flags.DEFINE_integer("max_steps", None, "Bound on the steps of every epoch.", flag_values=fv)
+    flags.DEFINE_integer("train_size", None, "Use only the first N training examples.", flag_values=fv)
+    flags.DEFINE_integer("test_size", None, "Use only the first N test examples.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "cache_teacher", True,
+        "Compute teacher logits once instead of on every step.", flag_values=fv)
+    flags.DEFINE_integer(
+        "steps_per_execution", None,
+        "Training steps per compiled call (default: %d on GPU/CPU, 1 on Ascend and with "
+        "--data_dump_flag, --over_dump or --profiling, which look at every step)."
+        % DEFAULT_STEPS_PER_EXECUTION, flag_values=fv)
+    flags.DEFINE_boolean("quantize", False, "Quantize the distilled student at the end.", flag_values=fv)
+    define_device_flags(fv)
+    define_distribute_flags(fv)
+
+
+def device_config(fv):
+    """The DeviceConfig of parsed flags."""
+    names = [f.name for f in dataclasses.fields(DeviceConfig)]
+    return DeviceConfig(**{name: fv[name].value for name in names})
+
+
+def distribute_config(fv):
+    """The DistributeConfig of parsed flags."""
+    names = [f.name for f in dataclasses.fields(DistributeConfig)]
+    return DistributeConfig(**{name: fv[name].value for name in names})
+
+
+def train_config(fv):
+    """The TrainConfig of parsed flags."""
+    nested = ("device", "distribute")
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in nested]
+    return TrainConfig(**{name: fv[name].value for name in names}, device=device_config(fv),
+                       distribute=distribute_config(fv))
+
+
+def parse(fv, argv, prog, usage="[--flag=value ...]", to_config=None):
+    """Parses `argv` into `fv` and returns `to_config(fv)`, or an exit code.
+
+    `-h`/`--help`/`--helpfull` print the usage and the flags: exit code 0.
+    A bad flag, or a `ValueError` from `to_config`, prints one error line:
+    exit code 2. A stray positional argument is a bad flag.
+    """
+    if any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:]):
+        print(f"usage: {prog} {usage}\n")
+        print(fv.get_help())
+        return 0
+    try:
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected argument {rest[1]!r}: flags are --name=value")
+        return to_config(fv) if to_config else None
+    except (flags.Error, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,223 @@
+"""Precision modes and mixlists on CPU: Keras dtype policies per layer."""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+from keras import layers
+
+from knowledge_distillation.ascend import device
+from knowledge_distillation.config import PRECISION_MODES, DeviceConfig
+from knowledge_distillation.ascend.device import setup_device
+from knowledge_distillation.kd.distiller import Distiller
+
+from ascend_helpers import (  # noqa: F401  (fixtures are used by name)
+    LOW,
+    compiled,
+    dataset,
+    quadrant_data,
+    tensorflow_defaults,
+    tiny_model,
+    write_json,
+)
+
+
+# -- precision modes on CPU --------------------------------------------------
+
+EXPECTED_POLICIES = {
+    "must_keep_origin_dtype": dict.fromkeys(
+        ["conv", "bn", "relu", "flatten", "dense", "softmax"], "float32"
+    ),
+    "allow_fp32_to_fp16": {
+        "conv": LOW, "bn": "float32", "relu": "float32", "flatten": "float32",
+        "dense": LOW, "softmax": "float32",
+    },
+    "allow_mix_precision": {
+        "conv": LOW, "bn": LOW, "relu": LOW, "flatten": LOW, "dense": LOW,
+        "softmax": "float32",
+    },
+    "force_fp16": dict.fromkeys(["conv", "bn", "relu", "flatten", "dense", "softmax"], LOW),
+}
+
+
+@pytest.mark.parametrize("mode", PRECISION_MODES)
+def test_precision_mode_sets_layer_compute_dtypes_and_keeps_float32_weights(tmp_path, mode):
+    session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    model = tiny_model()
+    weights = model.get_weights()
+    session.prepare_model(model)
+    policies = {l.name: l.dtype_policy.name for l in model.layers[1:]}
+    assert policies == EXPECTED_POLICIES[mode]
+    assert all(v.dtype == "float32" for v in model.weights)
+    assert all(np.array_equal(a, b) for a, b in zip(weights, model.get_weights()))
+    x, _ = quadrant_data(4)
+    low = [n for n, p in policies.items() if p == LOW]
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in policies])
+    for name, out in zip(policies, probe(x)):
+        assert out.dtype == ("bfloat16" if name in low else "float32"), name
+
+
+@pytest.mark.parametrize("mode, low_layers", [
+    ("allow_mix_precision", {"conv_1", "leaky", "pool", "conv_2", "flatten", "logits"}),
+    ("allow_fp32_to_fp16", {"conv_1", "conv_2", "logits"}),
+])
+def test_precision_modes_on_a_sequential_seed_convnet(tmp_path, mode, low_layers):
+    session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)),
+        layers.Conv2D(4, 3, strides=2, padding="same", name="conv_1"),
+        layers.LeakyReLU(0.2, name="leaky"),
+        layers.MaxPooling2D(2, strides=1, padding="same", name="pool"),
+        layers.Conv2D(8, 3, strides=2, padding="same", name="conv_2"),
+        layers.Flatten(name="flatten"),
+        layers.Dense(3, name="logits"),
+    ])
+    session.prepare_model(model)
+    assert {l.name for l in model.layers if l.compute_dtype == "bfloat16"} == low_layers
+    assert model(np.zeros((1, 8, 8, 1), np.float32)).dtype == "bfloat16"
+
+
+def test_force_fp16_overrides_a_layer_pinned_to_float32(tmp_path):
+    session = setup_device(DeviceConfig(precision_mode="force_fp16"), str(tmp_path))
+    inputs = keras.Input((4,))
+    outputs = layers.Dense(2, dtype="float32", name="pinned")(inputs)
+    model = session.prepare_model(keras.Model(inputs, outputs))
+    assert model.get_layer("pinned").compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("mode", PRECISION_MODES)
+def test_short_run_under_each_precision_mode_stays_finite_and_learns(tmp_path, mode):
+    session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    model = compiled(session.prepare_model(tiny_model()), session)
+    x, y = quadrant_data(192)
+    untrained = model.evaluate(x, y, verbose=0)
+    losses = model.fit(dataset(x, y), epochs=4, verbose=0).history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert model.evaluate(x, y, verbose=0) < 0.5 * untrained
+
+
+def test_distiller_losses_stay_float32_under_mixed_precision(tmp_path):
+    x, y = quadrant_data(32)
+
+    def distiller_loss(teacher, student):
+        distiller = Distiller(teacher=teacher, student=student)
+        distiller.compile(optimizer="sgd", alpha=0.1, temperature=10.0)
+        logits = student(x)
+        loss = distiller.compute_loss(x=x, y=y, y_pred=logits)
+        return loss, logits.dtype, distiller.distillation_loss_tracker.result()
+
+    # Same seeds, built before and after the mixed policy is set up.
+    reference, _, _ = distiller_loss(
+        tiny_model("teacher", softmax=False, seed=1), tiny_model("student", softmax=False, seed=2)
+    )
+    session = setup_device(DeviceConfig(precision_mode="allow_mix_precision"), str(tmp_path))
+    teacher = session.prepare_model(tiny_model("teacher", softmax=False, seed=1))
+    student = session.prepare_model(tiny_model("student", softmax=False, seed=2))
+    loss, logits_dtype, kd = distiller_loss(teacher, student)
+    assert logits_dtype == "bfloat16"  # the student really computes low precision
+    assert loss.dtype == "float32" and kd.dtype == "float32"
+    # bfloat16 logits are ~1% off; the float32 loss computed from them follows.
+    assert float(loss) == pytest.approx(float(reference), rel=0.05)
+    assert float(loss) != float(reference)
+
+
+def test_wrap_optimizer_adds_loss_scaling_only_for_float16(tmp_path):
+    cpu = setup_device(DeviceConfig(), str(tmp_path))
+    sgd = keras.optimizers.SGD()
+    assert cpu.wrap_optimizer(sgd) is sgd  # bfloat16 needs no loss scaling
+    gpu = device.DeviceSession(
+        DeviceConfig(precision_mode="allow_fp32_to_fp16"), str(tmp_path), low_policy="mixed_float16"
+    )
+    wrapped = gpu.wrap_optimizer(sgd)
+    assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer)
+    assert gpu.wrap_optimizer(wrapped) is wrapped
+    keep = device.DeviceSession(
+        DeviceConfig(precision_mode="must_keep_origin_dtype"), str(tmp_path),
+        low_policy="mixed_float16",
+    )
+    assert keep.wrap_optimizer(sgd) is sgd
+
+
+# -- mixlist ----------------------------------------------------------------
+
+
+def test_mixlist_moves_layers_between_lists(tmp_path):
+    mixlist = write_json(
+        tmp_path / "ops_info.json",
+        {
+            "black-list": {"to-add": ["Relu"], "to-remove": ["Softmax"]},
+            "white-list": {"to-add": ["SoftmaxV2"], "to-remove": ["MatMulV2"]},
+        },
+    )
+    session = setup_device(
+        DeviceConfig(use_mixlist=True, mixlist_file=mixlist), str(tmp_path)
+    )
+    model = session.prepare_model(tiny_model())
+    policies = {l.name: l.dtype_policy.name for l in model.layers[1:]}
+    assert policies == {
+        "conv": LOW,  # white by default
+        "bn": LOW,  # gray: follows conv
+        "relu": "float32",  # black-listed by the file
+        "flatten": "float32",  # gray: follows relu
+        "dense": "float32",  # MatMul removed from white: gray, follows flatten
+        "softmax": LOW,  # Softmax moved to white (Ascend spelling SoftmaxV2)
+    }
+
+
+def test_mixlist_unknown_op_type_is_an_error_listing_known_ones(tmp_path):
+    mixlist = write_json(tmp_path / "ops_info.json", {"white-list": {"to-add": ["Conv9D"]}})
+    with pytest.raises(ValueError) as e:
+        setup_device(DeviceConfig(use_mixlist=True, mixlist_file=mixlist), str(tmp_path))
+    message = str(e.value)
+    assert "unknown op type(s) ['Conv9D']" in message and mixlist in message
+    assert "Known op types:" in message
+    for op in ("Conv2D", "MatMul", "Softmax", "BiasAdd", "Relu", "MaxPool", "AvgPool",
+               "FusedBatchNormV3"):
+        assert op in message
+
+
+MIXLIST = ("use_mixlist", "mixlist_file", "ops_info.json")
+FUSION = ("fusion_off_flag", "fusion_off_file", "fusion_switch.cfg")
+
+
+@pytest.mark.parametrize(
+    "flags, content, problem",
+    [
+        (MIXLIST, "{bad json", "not valid JSON"),
+        (MIXLIST, '["Conv2D"]', "expected a JSON object"),
+        (MIXLIST, '{"grey-list": {}}', "unknown section"),
+        (MIXLIST, '{"white-list": {"to-add": "Conv2D"}}', "must be a list of op type strings"),
+        (MIXLIST, '{"white-list": {"add": ["Conv2D"]}}', 'must be an object with "to-add"'),
+        (MIXLIST, '{"white-list": {"to-add": ["Relu"]}, "black-list": {"to-add": ["Relu"]}}',
+         "added to both"),
+        (FUSION, "{bad", "not valid JSON"),
+        (FUSION, '{"GraphFusion": {"ALL": "off"}}', 'expected {"Switch"'),
+        (FUSION, '{"Switch": {"Fusion": {}}}', "unknown section"),
+        (FUSION, '{"Switch": {"GraphFusion": {"ALL": "maybe"}}}', 'must be "on" or "off"'),
+    ],
+)
+def test_malformed_mixlist_or_fusion_file_is_one_error_line_naming_it(
+    tmp_path, flags, content, problem
+):
+    enable, flag, name = flags
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError) as e:
+        setup_device(DeviceConfig(**{enable: True, flag: str(path)}), str(tmp_path))
+    assert str(e.value).startswith(f"--{flag}={path}: ")
+    assert problem in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_mixlist_file_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="--mixlist_file=nope.json: file not found"):
+        setup_device(DeviceConfig(use_mixlist=True, mixlist_file="nope.json"), str(tmp_path))
+
+
+def test_mixlist_with_another_mode_is_ignored_with_a_warning(tmp_path, caplog):
+    config = DeviceConfig(precision_mode="force_fp16", use_mixlist=True, mixlist_file="nope.json")
+    with caplog.at_level(logging.WARNING):
+        session = setup_device(config, str(tmp_path))
+    assert "--use_mixlist is ignored with --precision_mode=force_fp16" in caplog.text
+    model = session.prepare_model(tiny_model())
+    assert model.get_layer("softmax").compute_dtype == "bfloat16"
