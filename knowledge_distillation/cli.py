@@ -13,7 +13,7 @@ import sys
 from absl import flags as absl_flags
 
 from knowledge_distillation import flags
-from knowledge_distillation.util.logs import setup_logging
+from knowledge_distillation.util.logs import quiet_tensorflow_start, setup_logging
 
 logger = logging.getLogger("knowledge_distillation")
 
@@ -29,11 +29,13 @@ def main(argv=None):
     if isinstance(config, int):
         return config
     # Imported late: TensorFlow start-up should not delay --help or flag errors.
-    from knowledge_distillation import distribute, train
+    quiet_tensorflow_start()
+    from knowledge_distillation import distribute, rundir, train
 
     try:
         # Only the chief logs into --output_dir (other workers: a folder of their own).
         log_dir = distribute.write_dir(config.distribute, config.output_dir)
+        rundir.check_writable_dir(log_dir, "--output_dir")
     except ValueError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ dataclasses, and everything below takes them (or plain arguments) explicitly.
 """
 
 import dataclasses
+import math
 from typing import Optional
 
 PRECISION_MODES = (
@@ -141,6 +142,8 @@ class TrainConfig:
             `steps_per_execution`); None picks it per device (see
             `DeviceSession.steps_per_execution`).
         quantize: quantize the distilled student at the end of the run.
+        overwrite: start over in an `output_dir` that holds a run with other
+            settings (see `rundir.py`), instead of ending with an error.
         device: the ModelZoo device flags.
         distribute: the `--distributed` flags.
     """
@@ -166,6 +169,7 @@ class TrainConfig:
     cache_teacher: bool = True
     steps_per_execution: Optional[int] = None
     quantize: bool = False
+    overwrite: bool = False
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
@@ -181,6 +185,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_positive(name, value)
+        for name in ("alpha", "temperature", "learning_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be between 0.0 and 1.0, got {self.alpha}")
         if self.temperature <= 0:

@@ -92,6 +92,11 @@ def define_trainer_flags(fv):
         "--data_dump_flag, --over_dump or --profiling, which look at every step)."
         % DEFAULT_STEPS_PER_EXECUTION, flag_values=fv)
     flags.DEFINE_boolean("quantize", False, "Quantize the distilled student at the end.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "overwrite", False,
+        "Start over in an --output_dir that holds a run with other settings (its models, "
+        "checkpoints, logs and summary are removed) instead of ending with an error.",
+        flag_values=fv)
     define_device_flags(fv)
     define_distribute_flags(fv)
 

@@ -5,6 +5,7 @@ a functional model with logits (no softmax) as output.
 """
 
 import os
+import zipfile
 
 import keras
 from keras import layers
@@ -143,6 +144,8 @@ def load_model(path, flag="--model"):
         ValueError: one line naming the flag and file when it is missing, not
             a `.keras` archive, or cannot be loaded safely.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"{flag}: {path} is a folder; expected a .keras file")
     if not os.path.isfile(path):
         raise ValueError(f"{flag}: {path} does not exist; expected a .keras file")
     if not path.endswith(".keras"):
@@ -150,6 +153,10 @@ def load_model(path, flag="--model"):
             f"{flag}: {path} is not a .keras file; save the model with "
             "model.save('name.keras')"
         )
+    if not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"{flag}: {path} is not a .keras archive (not a zip file: truncated or another "
+            "format); save the model with model.save('name.keras')")
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:

@@ -11,6 +11,7 @@ through `keras.callbacks.BackupAndRestore`.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -21,9 +22,9 @@ import numpy as np
 
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
-from knowledge_distillation import models
+from knowledge_distillation import models, rundir
 from knowledge_distillation.kd import teacher_cache
-from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
+from knowledge_distillation.phase import Phase, check_backup, check_finite_weights, finite_or_null
 from knowledge_distillation.ascend.device import setup_device
 from knowledge_distillation.kd.distiller import Distiller
 from knowledge_distillation.util.files import save_model_atomic, write_json_atomic
@@ -32,40 +33,6 @@ from knowledge_distillation.util.inference import batched_predict
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
-
-
-class _Phase:
-    """Paths and callbacks of one training phase (teacher, scratch, distilled)."""
-
-    def __init__(self, config, name):
-        self.config = config
-        self.name = name
-        out = config.output_dir
-        self.model_path = os.path.join(out, f"{name}.keras")
-        self.backup_dir = os.path.join(out, "backup", name)
-        self.checkpoint_dir = os.path.join(out, "checkpoints", name)
-        self.csv_path = os.path.join(out, "logs", f"{name}.csv")
-        self.tensorboard_dir = os.path.join(out, "logs", "tensorboard", name)
-        self.throughput = ThroughputLogger(config.batch_size, config.log_steps, name)
-
-    @property
-    def finished(self):
-        return os.path.isfile(self.model_path)
-
-    def callbacks(self, target, session):
-        os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
-        return [
-            # double_checkpoint: a worker failing mid-save (collectives abort the
-            # save) leaves the previous epoch's backup to restore from.
-            keras.callbacks.BackupAndRestore(
-                self.backup_dir, delete_checkpoint=True, double_checkpoint=True
-            ),
-            EpochCheckpoint(target, self.checkpoint_dir),
-            keras.callbacks.CSVLogger(self.csv_path, append=True),
-            keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),
-            self.throughput,
-            *session.callbacks(),
-        ]
 
 
 def _verbose():
@@ -206,6 +173,7 @@ class Trainer:
             epochs,
             self.steps_per_epoch,
         )
+        check_backup(phase)
         start = time.perf_counter()
         self.dist.prepare_fit(model)
         history = model.fit(
@@ -215,6 +183,7 @@ class Trainer:
             verbose=_verbose(),
         )
         seconds = time.perf_counter() - start
+        check_finite_weights(target, phase.name)
         save_model_atomic(target, phase.model_path)
         metrics = _last_epoch_metrics(history)
         return {
@@ -236,7 +205,7 @@ class Trainer:
         if cfg.teacher_model:
             logger.info("teacher: loading %s (evaluated, not retrained)", cfg.teacher_model)
             return self._build(None, cfg.teacher_model, "--teacher_model"), {"trained": False}
-        phase = _Phase(cfg, "teacher")
+        phase = Phase(cfg, "teacher")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"trained": True, "resumed": True}
@@ -255,7 +224,7 @@ class Trainer:
 
     def scratch(self):
         cfg = self.config
-        phase = _Phase(cfg, "scratch")
+        phase = Phase(cfg, "scratch")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"resumed": True}
@@ -267,7 +236,7 @@ class Trainer:
 
     def distill(self, teacher):
         cfg = self.config
-        phase = _Phase(cfg, "distilled")
+        phase = Phase(cfg, "distilled")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"resumed": True}
@@ -337,9 +306,55 @@ class Trainer:
             cfg.distribute, batch_size=cfg.batch_size, full_batches=cfg.device.static
         )
         self.config = dataclasses.replace(cfg, output_dir=self.dist.write_dir(cfg.output_dir))
-        with self.dist.scope():
-            summary = self._run()
+        self._check_model_names()
+        self.folder = rundir.RunFolder(self.config.output_dir, rundir.deciding_settings(cfg),
+                                       overwrite=cfg.overwrite)
+        self.folder.claim()
+        try:
+            with self.dist.scope():
+                summary = self._run()
+        finally:
+            self.folder.release()
         self.dist.finish()
+        return summary
+
+    def _check_model_names(self):
+        cfg = self.config
+        for flag, name, user in (("--teacher", cfg.teacher, cfg.teacher_model),
+                                 ("--student", cfg.student, cfg.student_model)):
+            if not user and name not in models.MODELS:
+                raise ValueError(f"{flag}: unknown model {name!r}; choose one of "
+                                 f"{', '.join(sorted(models.MODELS))}")
+
+    def _check_student_model(self):
+        """A user's student file, checked against the data before the teacher trains."""
+        cfg = self.config
+        if cfg.student_model:
+            user = models.load_model(cfg.student_model, "--student_model")
+            models.check_compatible(
+                user, self.data.input_shape, self.data.num_classes, "--student_model")
+
+    def _previous_summary(self):
+        try:
+            with open(os.path.join(self.config.output_dir, SUMMARY_FILE), encoding="utf-8") as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    def _finished_summary(self):
+        """The recorded summary of a run whose every phase finished, else None."""
+        cfg = self.config
+        phases = ([] if cfg.teacher_model else ["teacher"]) + ["scratch", "distilled"]
+        path = os.path.join(cfg.output_dir, SUMMARY_FILE)
+        if not os.path.isfile(path) or not all(Phase(cfg, p).finished for p in phases):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+        except (OSError, ValueError):
+            return None
+        logger.info("every phase finished in an earlier run with these settings: re-reporting "
+                    "%s; nothing trains (--overwrite starts over)", path)
         return summary
 
     def _run(self):
@@ -360,6 +375,11 @@ class Trainer:
             self.data.input_shape,
             self.data.num_classes,
         )
+        self.folder.check_data(rundir.data_fingerprint(self.data))
+        finished = self._finished_summary()
+        if finished is not None:
+            return finished
+        self._check_student_model()
         self.steps_per_epoch = self._count_steps()
         test_ds = self._test_ds()
 
@@ -375,14 +395,20 @@ class Trainer:
         distilled_eval = _evaluate(distilled, test_ds, self.session)
         logger.info("distilled student: test accuracy %.4f, loss %.4f", distilled_eval["accuracy"], distilled_eval["loss"])
 
+        previous = self._previous_summary()
+
+        def phase_entry(phase, model, evaluation, stats):
+            # A phase reloaded from an earlier start keeps the figures that start recorded.
+            earlier = previous.get(phase, {}) if stats.get("resumed") else {}
+            return {**earlier, **evaluation, "parameters": int(model.count_params()), **stats}
+
         summary = {
-            "teacher": {**teacher_eval, "parameters": int(teacher.count_params()), **teacher_stats},
-            "scratch": {**scratch_eval, "parameters": int(scratch.count_params()), **scratch_stats},
-            "distilled": {**distilled_eval, "parameters": int(distilled.count_params()), **distill_stats},
-            "examples_per_sec": distill_stats.get("examples_per_sec"),
-            "train_accuracy": distill_stats.get("train_accuracy"),
-            "train_loss": distill_stats.get("train_loss"),
-            "training_time_sec": distill_stats.get("training_time_sec"),
+            "teacher": phase_entry("teacher", teacher, teacher_eval, teacher_stats),
+            "scratch": phase_entry("scratch", scratch, scratch_eval, scratch_stats),
+            "distilled": phase_entry("distilled", distilled, distilled_eval, distill_stats),
+            **{key: phase_entry("distilled", distilled, {}, distill_stats).get(key)
+               for key in ("examples_per_sec", "train_accuracy", "train_loss",
+                           "training_time_sec")},
             "data": {
                 "name": self.data.name,
                 "train_examples": len(self.data.x_train),
@@ -397,16 +423,16 @@ class Trainer:
         if cfg.quantize:
             summary["quantization"] = self.quantize(distilled)
         summary["wall_time_sec"] = time.perf_counter() - wall_start
-        write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_FILE), summary)
+        write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_FILE), finite_or_null(summary))
         return summary
 
     def quantize(self, student):
-        from knowledge_distillation.quant import quantize_model
+        from knowledge_distillation.quant.quantize import quantize_into
 
-        return quantize_model(
+        return quantize_into(
+            os.path.join(self.config.output_dir, "quant"),
             student,
             self.data,
-            os.path.join(self.config.output_dir, "quant"),
             name="distilled_student",
             batch_size=self.config.batch_size,
         )

@@ -150,8 +150,12 @@ kd_launch() {
     local train_log="$out_dir/train_$device_id.log"
     local summary="$output_dir/summary.json"
     mkdir -p "$out_dir" || return 1
-    # A summary left by an earlier run must never be reported as this one's.
-    rm -f "$summary"
+    if [ "$output_dir" = "$out_dir/$run_name" ]; then
+        # As ModelZoo's own scripts do: every run starts in a clean folder.
+        rm -rf "$output_dir"
+    fi
+    # A folder given with --output_dir is the user's: the trainer resumes
+    # there, or re-reports a finished run, and refuses other settings.
 
     echo "$KD_SCRIPT: training on $data_path (device $device_id), log: $train_log"
     local start end rc

@@ -184,6 +184,16 @@ def test_full_script_reports_a_real_run(device_id, tmp_path):
     summary = check_report(result, "train_full_1p.sh", device_id, 64, "acc")
     assert summary["config"]["device"]["static"] is False
     assert summary["data"]["train_examples"] == 512
+    # Run twice: the script starts clean each time, as ModelZoo's do, and reports again.
+    again = run_script(
+        "train_full_1p.sh",
+        ["--data_path=/usr/share/datasets/fashion-mnist", "--epoch=1",
+         "--teacher_epoch=1", "--batch_size=64", *SMALL_RUN],
+        device_id, tmp_path,
+    )
+    check_report(again, "train_full_1p.sh", device_id, 64, "acc")
+    assert "teacher: training" in open(os.path.join(
+        TEST_DIR, "output", device_id, f"train_{device_id}.log")).read()
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ PACKAGE = pathlib.Path(REPO_ROOT) / "knowledge_distillation"
 LEVELS = {
     "util": 0, "config": 0,
     "data": 1, "models": 1,
-    "kd": 2, "ascend": 2, "distribute": 2, "callbacks": 2, "flags": 2,
-    "quant": 3,
+    "kd": 2, "ascend": 2, "distribute": 2, "callbacks": 2, "flags": 2, "rundir": 2,
+    "quant": 3, "phase": 3,
     "train": 4,
     "cli": 5,
     "__main__": 6,

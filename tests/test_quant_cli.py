@@ -1,10 +1,14 @@
 """`python -m knowledge_distillation.quant` on a small model and real data."""
 
+import hashlib
 import json
 import os
 import re
+import signal
+import stat
 import subprocess
 import sys
+import time
 
 import keras
 import pytest
@@ -88,3 +92,79 @@ def test_cli_errors(model_path, tmp_path, args, code, message):
     proc = _run(args + ["--output_dir", str(tmp_path / "out")], cwd=tmp_path)
     assert proc.returncode == code, proc.stderr[-2000:]
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
+
+
+def _set_digests(out):
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def test_killed_quantizer_leaves_the_earlier_complete_set(model_path, fashion_mnist_path, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", model_path, "--data_path", fashion_mnist_path, "--calibration_size", "128",
+            "--test_size", "200", "--output_dir", str(out)]
+    first = _run(args + ["--epochs", "0"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    earlier = _set_digests(out)
+    assert "quantize_summary.json" in earlier and "tmp/distill_config.json" in earlier
+    for name in earlier:
+        assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~_umask(), name
+    int4 = tmp_path / "int4.cfg"
+    int4.write_text("distill_weight_quant_config { arq_distill { dst_type: INT4 } }\n")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knowledge_distillation.quant", *args, "--epochs", "50",
+         "--config_defination", str(int4)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        # Killed mid-distillation: the new INT4 config is written, nothing else yet.
+        while time.time() < deadline and not list(out.glob(".staging-*/tmp/distill_config.json")):
+            time.sleep(0.1)
+        assert list(out.glob(".staging-*/tmp/distill_config.json")), "never started"
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    left = {k: v for k, v in _set_digests(out).items() if not k.startswith(".staging-")}
+    assert left == earlier
+    # The next run clears the dead run's staging folder and replaces the set whole.
+    again = _run(args + ["--epochs", "0", "--config_defination", str(int4)], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(out.glob(".staging-*")) and not list(out.glob(".previous-*"))
+    assert '"INT4"' in (out / "tmp" / "distill_config.json").read_text()
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", "../../x"], "--name='../../x': expected a file-name stem"),
+    (["--model", "{folder}"], "--model: {folder} is a folder"),
+    (["--model", "{corrupt}"], "is not a .keras archive (not a zip file"),
+    (["--model", "{two_inputs}"], "has 2 inputs and 1 outputs; the quantizer takes a model with one"),
+    (["--output_dir", "{file}"], "--output_dir={file} is a file"),
+])
+def test_bad_quantizer_input_is_found_before_quantizing(model_path, tmp_path, args, message):
+    folder, corrupt, file = tmp_path / "folder", tmp_path / "corrupt.keras", tmp_path / "file"
+    folder.mkdir()
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    file.write_text("x")
+    a, b = keras.Input((28, 28, 1)), keras.Input((28, 28, 1))
+    two = keras.Model([a, b], layers.Dense(10)(layers.Flatten()(layers.Add()([a, b]))))
+    two.save(tmp_path / "two.keras")
+    names = {"folder": folder, "corrupt": corrupt, "file": file, "two_inputs": tmp_path / "two.keras"}
+    args = [x.format(**names) for x in args]
+    if "--model" not in args:
+        args = ["--model", model_path] + args
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(tmp_path / "out")]
+    proc = _run(args + ["--test_size", "50", "--calibration_size", "64"], cwd=tmp_path)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert message.format(**names) in errors[0]
+    assert "after quantize" not in proc.stdout

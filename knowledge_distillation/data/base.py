@@ -4,8 +4,11 @@ Every failure is one `DataError` line naming the file.
 """
 
 import dataclasses
+import logging
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -61,6 +64,19 @@ def _check_images(x, source):
         )
     if len(x) == 0:
         raise DataError(f"{source}: empty split, 0 images; expected at least 1")
+    if np.issubdtype(x.dtype, np.floating):
+        finite = np.isfinite(x)
+        if not finite.all():
+            index = np.unravel_index(int(np.argmin(finite)), x.shape)
+            raise DataError(
+                f"{source}: image {index[0]} holds {x[index]} at {tuple(int(i) for i in index[1:])}; "
+                "expected finite pixel values")
+        low, high = float(x.min()), float(x.max())
+        if low < 0.0 or high > 1.0:
+            logger.warning(
+                "%s: floating-point images range over [%g, %g]; they are used as they are, "
+                "taken as already scaled (uint8 images are divided by 255). If they are "
+                "0-255 pixel values, save them as uint8 or divide them by 255", source, low, high)
     return x
 
 
@@ -84,6 +100,20 @@ def _check_labels(y, source, num_images, images_source):
             ">= 0"
         )
     return y.astype(np.int64)
+
+
+def check_label_range(labels, num_classes, source):
+    """Warns when the class count the labels imply looks wrong: one class, or unused ids."""
+    present = np.unique(np.concatenate([np.asarray(y) for y in labels]))
+    if len(present) == 1:
+        logger.warning("%s: every label is %d: a single class; a classifier learns nothing "
+                       "from it", source, int(present[0]))
+    elif num_classes > 2 * len(present):
+        logger.warning(
+            "%s: labels go up to %d, so the model gets %d outputs, but only %d distinct "
+            "labels occur (%s); check the label ids", source, num_classes - 1, num_classes,
+            len(present), ", ".join(str(int(v)) for v in present[:10])
+            + (", ..." if len(present) > 10 else ""))
 
 
 def _check_same_image_shape(images, sources):

@@ -15,6 +15,7 @@ from knowledge_distillation.data.base import (
     _check_images,
     _check_labels,
     _check_same_image_shape,
+    check_label_range,
     _take,
 )
 
@@ -70,6 +71,7 @@ def _load_mnist_format(data_path, train_size, test_size):
     _check_same_image_shape(images, sources)
     # Counted before slicing so a small slice still has every class.
     num_classes = int(max(labels["train"].max(), labels["test"].max())) + 1
+    check_label_range(labels.values(), num_classes, sources["y_train"])
     name = os.path.basename(os.path.normpath(os.path.abspath(data_path)))
     logger.info(
         "loaded %s from %s: %d train / %d test images of shape %s, %d classes",

@@ -20,22 +20,30 @@ a JSON-ready summary. The trainer calls it with `--quantize`.
 
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
 import onnxruntime as ort
 
-from knowledge_distillation.util.inference import batched_predict
 from knowledge_distillation import data as data_lib
 from knowledge_distillation.quant import quantize_distill, quantize_onnx
 from knowledge_distillation.quant.quantize_build import create_quant_model, float32_policy
 from knowledge_distillation.quant.quantize_config import create_distill_config
 from knowledge_distillation.quant.quantize_record import save_record
+from knowledge_distillation.util.files import (
+    make_staging_dir,
+    remove_stale_staging,
+    replace_entries,
+    write_json_atomic,
+)
+from knowledge_distillation.util.inference import batched_predict
 
 logger = logging.getLogger(__name__)
 
 LOG_DIR = "amct_log"
 LOG_FILE = "quantize.log"
+SUMMARY_FILE = "quantize_summary.json"
 CONFIG_FILE = os.path.join("tmp", "distill_config.json")
 RECORD_FILE = os.path.join("tmp", "scale_offset_record.txt")
 
@@ -312,3 +320,41 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "distill_seconds": distill_seconds,
         "seconds": time.perf_counter() - start,
     }
+
+
+# The files of one quantization, replaced together (AMCT's layout under output_dir).
+OUTPUT_SET = ("tmp", "result", LOG_DIR, SUMMARY_FILE)
+
+
+def quantize_into(output_dir, model, data, summary_extra=None, **kwargs):
+    """`quantize_model` whose outputs replace the earlier ones in `output_dir` as one set.
+
+    Everything is written into a staging folder inside `output_dir` and moved
+    into place (`tmp/`, `result/`, `amct_log/`, `quantize_summary.json`) only
+    when all of it is written: a killed run leaves the earlier complete set.
+
+    Args:
+        output_dir: where the set goes.
+        model, data: see `quantize_model`.
+        summary_extra: entries added to the summary before it is written.
+        **kwargs: passed to `quantize_model`.
+
+    Returns:
+        The summary, with the final paths.
+    """
+    for stale in remove_stale_staging(output_dir):
+        logger.info("removed %s, left in %s by a run that was killed", stale, output_dir)
+    staging = make_staging_dir(output_dir)
+    try:
+        summary = quantize_model(model, data, staging, **kwargs)
+        summary.update(summary_extra or {})
+        summary["paths"] = {key: os.path.join(output_dir, os.path.relpath(path, staging))
+                            for key, path in summary["paths"].items()}
+        summary["paths"]["summary"] = os.path.join(output_dir, SUMMARY_FILE)
+        write_json_atomic(os.path.join(staging, SUMMARY_FILE), summary)
+        replace_entries(staging, output_dir, OUTPUT_SET)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("quantization outputs written to %s", output_dir)
+    return summary

@@ -25,19 +25,20 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from typing import Optional
 
 from absl import flags
 
 from knowledge_distillation import flags as kd_flags
-from knowledge_distillation.util.logs import setup_logging
+from knowledge_distillation.util.logs import quiet_tensorflow_start, setup_logging
 from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig
 
 logger = logging.getLogger("knowledge_distillation.quant")
 
 PROG = "python -m knowledge_distillation.quant"
-SUMMARY_FILE = "quantize_summary.json"
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 DEPLOY_ACTIVATION_DTYPES = ("auto", "int8", "uint8")
 
 
@@ -86,6 +87,9 @@ class QuantizeConfig:
         for key in ("batch_size", "num_parallel_reads", "calibration_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"--{key} must be positive, got {getattr(self, key)}")
+        if self.name is not None and (not _NAME.fullmatch(self.name) or self.name.startswith(".")):
+            raise ValueError(f"--name={self.name!r}: expected a file-name stem (letters, digits, "
+                             "'.', '_', '-'; no folders), e.g. --name=mobilenet_v2")
         if self.epochs < 0:
             raise ValueError(f"--epochs must be >= 0, got {self.epochs}")
         if self.test_size is not None and self.test_size <= 0:
@@ -172,20 +176,26 @@ def _run(config, output_dir):
     from knowledge_distillation import models
     from knowledge_distillation.config import DeviceConfig
     from knowledge_distillation.ascend.device import setup_device
-    from knowledge_distillation.quant.quantize import quantize_model
+    from knowledge_distillation.quant.quantize import quantize_into
     from knowledge_distillation.quant.quantize_config import load_simple_config
-    from knowledge_distillation.util.files import write_json_atomic
+    from knowledge_distillation.rundir import check_writable_dir
 
+    check_writable_dir(output_dir, "--output_dir")
     # Quantization factors are learned and checked in float32.
     setup_device(DeviceConfig(precision_mode="must_keep_origin_dtype"), output_dir)
     config_text = None
     if config.config_defination:
         _, config_text = load_simple_config(config.config_defination)
     model = models.load_model(config.model, flag="--model")
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"--model: {config.model} has {len(model.inputs)} inputs and {len(model.outputs)} "
+            "outputs; the quantizer takes a model with one image input and one logits output")
     data = data_lib.load_data(config.data_path, config.dataset, test_size=config.test_size)
     models.check_compatible(model, data.input_shape, data.num_classes, "--model")
-    summary = quantize_model(
-        model, data, output_dir,
+    return quantize_into(
+        output_dir, model, data,
+        summary_extra={"config": dataclasses.asdict(config)},
         name=config.name or model.name,
         batch_size=config.batch_size,
         calibration_size=config.calibration_size,
@@ -197,11 +207,6 @@ def _run(config, output_dir):
         num_parallel_reads=config.num_parallel_reads,
         activation_dtype=config.deploy_activation_dtype,
     )
-    summary["config"] = dataclasses.asdict(config)
-    path = os.path.join(output_dir, SUMMARY_FILE)
-    write_json_atomic(path, summary)
-    summary["paths"]["summary"] = path
-    return summary
 
 
 def main(argv=None):
@@ -213,6 +218,7 @@ def main(argv=None):
                             to_config=quantize_config)
     if isinstance(config, int):
         return config
+    quiet_tensorflow_start()
     setup_logging()
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
     try:

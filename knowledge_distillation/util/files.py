@@ -9,6 +9,7 @@ get the mode a plain `open()` would give (0666 minus the umask), not
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 
 
@@ -49,8 +50,8 @@ def atomic_write(path, data):
 
 
 def write_json_atomic(path, payload):
-    """Writes `payload` as indented, key-sorted JSON to `path`, atomically."""
-    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    """Writes `payload` as indented, key-sorted, strict JSON (no NaN) to `path`, atomically."""
+    atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def save_model_atomic(model, path):
@@ -76,3 +77,68 @@ def read_json_file(path, flag):
         raise ValueError(f"--{flag}={path}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"--{flag}={path}: cannot be read ({e})") from None
+
+
+def make_staging_dir(parent, prefix=".staging-"):
+    """A new empty folder inside `parent` (mode 0777 minus the umask), for `replace_entries`."""
+    os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
+def replace_entries(staging, target, names):
+    """Moves `names` (files or folders) from `staging` into `target`, replacing a set as one.
+
+    The earlier entries are first moved aside into a `.previous-*` folder,
+    then the new ones are renamed in and the earlier ones deleted: the
+    outputs in `target` are never a mix of two runs except during the few
+    renames in between. `staging` is removed.
+    """
+    previous = make_staging_dir(target, prefix=".previous-")
+    try:
+        for name in names:
+            if os.path.lexists(os.path.join(target, name)):
+                os.replace(os.path.join(target, name), os.path.join(previous, name))
+        for name in names:
+            if os.path.lexists(os.path.join(staging, name)):
+                os.replace(os.path.join(staging, name), os.path.join(target, name))
+    except BaseException:
+        # Put the earlier set back where the new one did not land.
+        for name in names:
+            old = os.path.join(previous, name)
+            if os.path.lexists(old) and not os.path.lexists(os.path.join(target, name)):
+                os.replace(old, os.path.join(target, name))
+        raise
+    finally:
+        shutil.rmtree(previous, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def remove_stale_staging(parent):
+    """Removes `.staging-PID-*` and `.previous-PID-*` folders whose process is gone."""
+    if not os.path.isdir(parent):
+        return []
+    removed = []
+    for entry in os.listdir(parent):
+        prefix = next((p for p in (".staging-", ".previous-") if entry.startswith(p)), None)
+        if prefix is None:
+            continue
+        pid = entry[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def pid_alive(pid):
+    """Whether process `pid` runs on this host (a PID of 0 or less: no)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -3,6 +3,8 @@
 import logging
 import os
 import sys
+import tempfile
+import warnings
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -22,3 +24,68 @@ def setup_logging(output_dir=None, filename=None):
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(logging.INFO)
+
+
+# What TensorFlow's native libraries print to stderr while they load, before
+# any of our lines: start-up notices, not problems. Anything else printed
+# then is passed on.
+_START_UP_NOISE = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+    "Unable to register cuDNN factory",
+    "Unable to register cuFFT factory",
+    "Unable to register cuBLAS factory",
+    "computation placer already registered",
+    "Could not find cuda drivers on your machine",
+    "TF-TRT Warning: Could not find TensorRT",
+)
+
+
+class _NotRetracing(logging.Filter):
+    """Drops TensorFlow's "triggered tf.function retracing" warning.
+
+    Keras builds a new `tf.function` for every model's fit, evaluate and
+    predict; each is traced once, but TensorFlow counts the first traces of
+    all functions built from Keras' one closure together, and after five it
+    warns of retracing that is not happening. A real retrace (a shape that
+    changes between steps) is what `--static` checks.
+    """
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+def quiet_tensorflow_start():
+    """Imports TensorFlow and Keras without their native start-up notices. Entry points only.
+
+    Sets `TF_CPP_MIN_LOG_LEVEL=2` (unless set), which silences TensorFlow's
+    later C++ INFO and WARNING lines; the lines printed while the native
+    libraries load come before that setting is read, so stderr is captured
+    for the import and replayed without the known notices.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" not in sys.modules:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        with tempfile.TemporaryFile(mode="w+b") as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                import keras  # noqa: F401
+                import tensorflow  # noqa: F401
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                text = captured.read().decode("utf-8", "replace")
+        for line in text.splitlines():
+            if line.strip() and not any(noise in line for noise in _START_UP_NOISE):
+                print(line, file=sys.stderr)
+    import tensorflow as tf
+
+    # The pipelines are shuffled (seeded) by data.make_dataset; Keras warns
+    # that fit's own shuffle flag does not apply to a tf.data.Dataset.
+    warnings.filterwarnings("ignore", message="`shuffle=True` was passed", category=UserWarning)
+    tf.get_logger().addFilter(_NotRetracing())
+    logging.getLogger("tensorflow").addFilter(_NotRetracing())

@@ -1,0 +1,86 @@
+"""One training phase of a run (teacher, scratch, distilled): its files, callbacks and checks."""
+
+import json
+import os
+
+import keras
+import numpy as np
+
+from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
+
+
+class Phase:
+    """Paths and callbacks of one training phase (teacher, scratch, distilled)."""
+
+    def __init__(self, config, name):
+        self.config = config
+        self.name = name
+        out = config.output_dir
+        self.model_path = os.path.join(out, f"{name}.keras")
+        self.backup_dir = os.path.join(out, "backup", name)
+        self.checkpoint_dir = os.path.join(out, "checkpoints", name)
+        self.csv_path = os.path.join(out, "logs", f"{name}.csv")
+        self.tensorboard_dir = os.path.join(out, "logs", "tensorboard", name)
+        self.throughput = ThroughputLogger(config.batch_size, config.log_steps, name)
+
+    @property
+    def finished(self):
+        return os.path.isfile(self.model_path)
+
+    def callbacks(self, target, session):
+        os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
+        return [
+            # double_checkpoint: a worker failing mid-save (collectives abort the
+            # save) leaves the previous epoch's backup to restore from.
+            keras.callbacks.BackupAndRestore(
+                self.backup_dir, delete_checkpoint=True, double_checkpoint=True
+            ),
+            EpochCheckpoint(target, self.checkpoint_dir),
+            keras.callbacks.CSVLogger(self.csv_path, append=True),
+            keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),
+            self.throughput,
+            *session.callbacks(),
+        ]
+
+
+def check_backup(phase):
+    """A resume state that cannot be read is an error naming the file, before `fit` reads it."""
+    if not os.path.isdir(phase.backup_dir):
+        return
+    import h5py
+
+    for root, _, names in os.walk(phase.backup_dir):
+        for name in names:
+            path = os.path.join(root, name)
+            try:
+                if name.endswith(".h5"):
+                    h5py.File(path, "r").close()
+                elif name.endswith(".json"):
+                    with open(path, encoding="utf-8") as f:
+                        json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"{path}: the {phase.name} phase's resume state cannot be read ({e}); "
+                    f"delete {phase.backup_dir} to restart that phase from its first epoch"
+                ) from None
+
+
+def check_finite_weights(model, phase):
+    bad = [w.path for w in model.weights
+           if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise RuntimeError(
+            f"{phase}: training produced non-finite weights ({bad[0]}{more}); nothing was "
+            "saved. Rerun with --over_dump to find the step and layer that overflowed")
+
+
+def finite_or_null(value):
+    """`value` with every NaN or infinite float replaced by None (strict JSON)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value

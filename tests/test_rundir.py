@@ -1,0 +1,114 @@
+"""The output folder's record and lock (knowledge_distillation/rundir.py)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from knowledge_distillation import rundir
+from knowledge_distillation.config import TrainConfig
+
+
+def _folder(path, **config):
+    return rundir.RunFolder(str(path), rundir.deciding_settings(TrainConfig(**config)),
+                            overwrite=config.get("overwrite", False))
+
+
+def test_settings_that_decide_the_models_are_recorded_and_others_are_not():
+    base = rundir.deciding_settings(TrainConfig())
+    assert rundir.deciding_settings(TrainConfig(log_steps=7, output_dir="x", quantize=True,
+                                                steps_per_execution=4)) == base
+    for change in ({"epoch": 2}, {"alpha": 0.5}, {"seed": 1}, {"teacher": "mlp_teacher"}):
+        assert rundir.deciding_settings(TrainConfig(**change)) != base, change
+
+
+def test_a_user_model_file_counts_by_content(tmp_path):
+    model = tmp_path / "t.keras"
+    model.write_bytes(b"one")
+    first = rundir.deciding_settings(TrainConfig(teacher_model=str(model)))
+    model.write_bytes(b"two")
+    assert rundir.deciding_settings(TrainConfig(teacher_model=str(model))) != first
+
+
+def test_other_settings_over_earlier_outputs_are_one_error_naming_them(tmp_path):
+    run = _folder(tmp_path, epoch=1)
+    run.claim()
+    run.release()
+    (tmp_path / "teacher.keras").write_bytes(b"a model")
+    with pytest.raises(ValueError) as e:
+        _folder(tmp_path, epoch=2, alpha=0.9).claim()
+    assert "holds a run with other settings: alpha: 0.1 -> 0.9; epoch: 1 -> 2" in str(e.value)
+    assert "--overwrite" in str(e.value)
+    again = _folder(tmp_path, epoch=1)
+    again.claim()  # same settings: resumes
+    again.release()
+
+
+def test_overwrite_removes_only_what_a_run_writes(tmp_path):
+    _folder(tmp_path, epoch=1).claim()
+    for name in ("teacher.keras", "summary.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / "checkpoints" / "teacher").mkdir(parents=True)
+    os.remove(tmp_path / rundir.LOCK_FILE)
+    run = _folder(tmp_path, epoch=2, overwrite=True)
+    run.claim()
+    assert sorted(os.listdir(tmp_path)) == [rundir.LOCK_FILE, "notes.txt", rundir.RUN_FILE]
+    assert json.loads((tmp_path / rundir.RUN_FILE).read_text())["settings"]["epoch"] == 2
+    run.release()
+
+
+def test_outputs_without_a_record_are_refused(tmp_path):
+    (tmp_path / "distilled.keras").write_text("x")
+    with pytest.raises(ValueError, match=r"holds run outputs \(distilled.keras\) but no run.json"):
+        _folder(tmp_path).claim()
+
+
+def test_the_data_must_match_the_record(tmp_path):
+    run = _folder(tmp_path)
+    run.claim()
+    run.check_data({"name": "a", "train": "1", "test": "2"})
+    (tmp_path / "scratch.keras").write_text("x")
+    with pytest.raises(ValueError, match="holds a run on other data"):
+        run.check_data({"name": "a", "train": "9", "test": "2"})
+    run.release()
+
+
+def test_a_busy_folder_is_refused_naming_the_other_run(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / rundir.LOCK_FILE).write_text(json.dumps(
+            {"pid": other.pid, "host": os.uname().nodename, "started": "today"}))
+        with pytest.raises(ValueError, match=f"is in use by another run \\(pid {other.pid} on"):
+            _folder(tmp_path).claim()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / rundir.LOCK_FILE).write_text(json.dumps(
+        {"pid": dead.pid, "host": os.uname().nodename, "started": "yesterday"}))
+    run = _folder(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="knowledge_distillation"):
+        run.claim()
+    assert f"taking over the lock of pid {dead.pid}" in caplog.text
+    assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()
+    run.release()
+    assert not (tmp_path / rundir.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p / "file", "is a file"),
+    (lambda p: p / "file" / "sub", "cannot be written"),
+    (lambda p: "", "is empty"),
+    (lambda p: "/proc/kd-test", "cannot be written"),
+])
+def test_unwritable_output_folders_name_the_flag(tmp_path, make, problem):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"--output_dir.*{problem}"):
+        rundir.check_writable_dir(str(make(tmp_path)), "--output_dir")
