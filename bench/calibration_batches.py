@@ -30,13 +30,9 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_float_model_flags(flags)
-flags.DEFINE_integer("test_size", None, "Test images (default: all).")
+common.define_quantizer_flags(flags, "Block-distillation passes of the distilled rows.")
 flags.DEFINE_integer("batch_size", 32, "Calibration batch size.")
-flags.DEFINE_integer("epochs", 1, "Block-distillation passes of the distilled rows.")
-flags.DEFINE_list("bits", ["INT8", "INT4"], "Weight types.")
 flags.DEFINE_list("seeds", ["0"], "Calibration-sample and training seeds.")
-
-INT4_CONFIG = "distill_weight_quant_config { arq_distill { channel_wise: true dst_type: INT4 } }\n"
 
 
 def main(argv):
@@ -61,7 +57,7 @@ def main(argv):
                 for batch_num in (1, all_batches):
                     start = time.perf_counter()
                     config = quant.create_distill_config(
-                        model, INT4_CONFIG if bits == "INT4" else None)
+                        model, common.INT4_CONFIG if bits == "INT4" else None)
                     qmodel = quant.create_quant_model(model, config)
                     quant.distill(qmodel, calibration, epochs=epochs, batch_size=FLAGS.batch_size,
                                   batch_num=batch_num, seed=seed)

@@ -96,3 +96,14 @@ def define_float_model_flags(flags):
     flags.DEFINE_integer("train_size", None, "Training images (default: all).")
     flags.DEFINE_integer("train_epochs", 1, "Epochs of the model trained here.")
     flags.DEFINE_integer("calibration_size", 1024, "Quantizer calibration images.")
+
+
+# The AMCT simple config that asks for INT4 weights (per channel).
+INT4_CONFIG = "distill_weight_quant_config { arq_distill { channel_wise: true dst_type: INT4 } }\n"
+
+
+def define_quantizer_flags(flags, epochs_help):
+    """The flags the quantizer benchmarks share: test images, distillation passes, weight types."""
+    flags.DEFINE_integer("test_size", None, "Test images (default: all).")
+    flags.DEFINE_integer("epochs", 1, epochs_help)
+    flags.DEFINE_list("bits", ["INT8", "INT4"], "Weight types.")

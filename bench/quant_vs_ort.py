@@ -34,13 +34,9 @@ from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 common.define_float_model_flags(flags)
-flags.DEFINE_integer("test_size", None, "Test images (default: all).")
-flags.DEFINE_integer("epochs", 1, "Our block-distillation passes.")
-flags.DEFINE_list("bits", ["INT8", "INT4"], "Weight types.")
+common.define_quantizer_flags(flags, "Our block-distillation passes.")
 flags.DEFINE_list("ort_methods", ["MinMax", "Entropy"], "ORT calibration methods.")
 flags.DEFINE_integer("seed", 0, "Seed of the calibration sample.")
-
-INT4_CONFIG = "distill_weight_quant_config { arq_distill { channel_wise: true dst_type: INT4 } }\n"
 
 
 def main(argv):
@@ -73,7 +69,7 @@ def main(argv):
         for bits in FLAGS.bits:
             for epochs in sorted({0, FLAGS.epochs}):
                 start = time.perf_counter()
-                config = quant.create_distill_config(model, INT4_CONFIG if bits == "INT4" else None)
+                config = quant.create_distill_config(model, common.INT4_CONFIG if bits == "INT4" else None)
                 qmodel = quant.create_quant_model(model, config)
                 quant.distill(qmodel, calibration, epochs=epochs, seed=FLAGS.seed)
                 saved = quant.save_quant_model(qmodel, os.path.join(tmp, f"ours_{bits}_{epochs}"),
