@@ -4,8 +4,8 @@ import logging
 import os
 import time
 
-import keras
 
+from knowledge_distillation.compat import keras
 from knowledge_distillation.util.files import save_weights_atomic
 
 logger = logging.getLogger(__name__)

@@ -7,8 +7,10 @@ a functional model with logits (no softmax) as output.
 import os
 import zipfile
 
-import keras
-from keras import layers
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
+
+layers = keras.layers
 
 
 def seed_convnet(input_shape, num_classes, filters, name):
@@ -22,7 +24,7 @@ def seed_convnet(input_shape, num_classes, filters, name):
         [
             keras.Input(shape=input_shape),
             layers.Conv2D(first, (3, 3), strides=(2, 2), padding="same"),
-            layers.LeakyReLU(negative_slope=0.2),
+            compat.leaky_relu(0.2),
             layers.MaxPooling2D(pool_size=(2, 2), strides=(1, 1), padding="same"),
             layers.Conv2D(second, (3, 3), strides=(2, 2), padding="same"),
             layers.Flatten(),
@@ -126,15 +128,18 @@ def build_model(name, input_shape, num_classes, seed=None):
             f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}"
         )
     if seed is not None:
-        keras.utils.set_random_seed(seed)
+        compat.set_random_seed(seed)
     return MODELS[name](tuple(input_shape), int(num_classes))
 
 
 def load_model(path, flag="--model"):
-    """Loads a user's `.keras` model with safe_mode on.
+    """Loads a user's model file: `.keras` (Keras 3, safe_mode on) or Keras 2 HDF5 (`.h5`).
+
+    Keras 3 loads both, so a model the Keras 2.6 (Ascend) trainer wrote can
+    be distilled from or quantized here; Keras 2.6 loads `.h5`.
 
     Args:
-        path: the `.keras` file.
+        path: the model file.
         flag: the flag that named it, for error messages.
 
     Returns:
@@ -142,29 +147,43 @@ def load_model(path, flag="--model"):
 
     Raises:
         ValueError: one line naming the flag and file when it is missing, not
-            a `.keras` archive, or cannot be loaded safely.
+            a model file this Keras reads, or cannot be loaded safely.
     """
+    expected = " or ".join(compat.MODEL_EXTS)
     if os.path.isdir(path):
-        raise ValueError(f"{flag}: {path} is a folder; expected a .keras file")
+        raise ValueError(f"{flag}: {path} is a folder; expected a {expected} model file")
     if not os.path.isfile(path):
-        raise ValueError(f"{flag}: {path} does not exist; expected a .keras file")
-    if not path.endswith(".keras"):
+        raise ValueError(f"{flag}: {path} does not exist; expected a {expected} model file")
+    if path.endswith(".keras") and not compat.KERAS3:
         raise ValueError(
-            f"{flag}: {path} is not a .keras file; save the model with "
-            "model.save('name.keras')"
+            f"{flag}: {path} is a Keras 3 .keras file, which {compat.STACK} cannot read; "
+            "on a Keras 3 host, save it as HDF5 (model.save('name.h5'))")
+    if not path.endswith(compat.MODEL_EXTS):
+        raise ValueError(
+            f"{flag}: {path} is not a {expected} model file; save the model with "
+            f"model.save('name{compat.MODEL_EXT}')"
         )
-    if not zipfile.is_zipfile(path):
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
         raise ValueError(
             f"{flag}: {path} is not a .keras archive (not a zip file: truncated or another "
             "format); save the model with model.save('name.keras')")
+    if path.endswith(compat.H5_EXTS) and not _is_hdf5(path):
+        raise ValueError(
+            f"{flag}: {path} is not an HDF5 file (truncated or another format); save the "
+            f"model with model.save('name.h5')")
     try:
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        model = compat.load_model_file(path)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{flag}: cannot load {path}: {reason}") from e
     if not isinstance(model, keras.Model):
         raise ValueError(f"{flag}: {path} holds a {type(model).__name__}, not a model")
     return model
+
+
+def _is_hdf5(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
 def check_compatible(model, input_shape, num_classes, flag):

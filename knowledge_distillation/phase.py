@@ -3,7 +3,8 @@
 import json
 import os
 
-import keras
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 import numpy as np
 
 from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
@@ -16,7 +17,7 @@ class Phase:
         self.config = config
         self.name = name
         out = config.output_dir
-        self.model_path = os.path.join(out, f"{name}.keras")
+        self.model_path = os.path.join(out, f"{name}{compat.MODEL_EXT}")
         self.backup_dir = os.path.join(out, "backup", name)
         self.checkpoint_dir = os.path.join(out, "checkpoints", name)
         self.csv_path = os.path.join(out, "logs", f"{name}.csv")
@@ -30,11 +31,7 @@ class Phase:
     def callbacks(self, target, session):
         os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
         return [
-            # double_checkpoint: a worker failing mid-save (collectives abort the
-            # save) leaves the previous epoch's backup to restore from.
-            keras.callbacks.BackupAndRestore(
-                self.backup_dir, delete_checkpoint=True, double_checkpoint=True
-            ),
+            compat.backup_and_restore(self.backup_dir),
             EpochCheckpoint(target, self.checkpoint_dir),
             keras.callbacks.CSVLogger(self.csv_path, append=True),
             keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),
@@ -66,8 +63,8 @@ def check_backup(phase):
 
 
 def check_finite_weights(model, phase):
-    bad = [w.path for w in model.weights
-           if not np.all(np.isfinite(keras.ops.convert_to_numpy(w)))]
+    bad = [compat.variable_path(w) for w in model.weights
+           if not np.all(np.isfinite(compat.to_numpy(w)))]
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise RuntimeError(

@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 
+from knowledge_distillation import compat
 from knowledge_distillation.util.digest import hash_array
 from knowledge_distillation.util.files import pid_alive, write_json_atomic
 
@@ -40,8 +41,8 @@ NOT_DECIDING = frozenset({
 })
 # What a run writes; `--overwrite` removes exactly these.
 # (train.log stays: the new run's log is already open and appends to it.)
-RUN_OUTPUTS = ("teacher.keras", "scratch.keras", "distilled.keras", "summary.json", RUN_FILE,
-               "checkpoints", "backup", "logs", "teacher_cache", "quant")
+RUN_OUTPUTS = tuple(f"{phase}{compat.MODEL_EXT}" for phase in ("teacher", "scratch", "distilled")) + (
+    "summary.json", RUN_FILE, "checkpoints", "backup", "logs", "teacher_cache", "quant")
 
 
 def check_writable_dir(path, flag):

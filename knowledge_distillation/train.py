@@ -17,12 +17,14 @@ import os
 import sys
 import time
 
-import keras
 import numpy as np
+import tensorflow as tf
 
+from knowledge_distillation import compat
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
 from knowledge_distillation import models, rundir
+from knowledge_distillation.compat import keras
 from knowledge_distillation.kd import teacher_cache
 from knowledge_distillation.phase import Phase, check_backup, check_finite_weights, finite_or_null
 from knowledge_distillation.ascend.device import setup_device
@@ -51,7 +53,7 @@ def _optimizer(config, steps_per_epoch, epochs, session):
 def _classifier_compile(model, optimizer, session, steps_per_execution=1):
     model.compile(
         optimizer=optimizer,
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=compat.classification_loss(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,
         **session.compile_kwargs(),
@@ -59,7 +61,7 @@ def _classifier_compile(model, optimizer, session, steps_per_execution=1):
 
 
 def _evaluate(model, test_ds, session):
-    if not getattr(model, "compiled", False) or getattr(model, "loss", None) is None:
+    if not compat.is_compiled(model) or getattr(model, "loss", None) is None:
         _classifier_compile(model, "adam", session)
     result = model.evaluate(test_ds, verbose=0, return_dict=True)
     return {"accuracy": float(result["accuracy"]), "loss": float(result["loss"])}
@@ -67,7 +69,7 @@ def _evaluate(model, test_ds, session):
 
 def _zeros_like_spec(spec):
     """A one-example batch of zeros for each `tf.TensorSpec` in `spec`."""
-    return keras.tree.map_structure(
+    return tf.nest.map_structure(
         lambda s: np.zeros([1] + [d or 1 for d in s.shape[1:]], s.dtype.as_numpy_dtype), spec
     )
 
@@ -158,7 +160,7 @@ class Trainer:
             models.check_compatible(
                 user, self.data.input_shape, self.data.num_classes, "--student_model"
             )
-            keras.utils.set_random_seed(cfg.seed)
+            compat.set_random_seed(cfg.seed)
             model = keras.models.clone_model(user)
         else:
             model = self._build(cfg.student, None, "--student")
@@ -301,6 +303,8 @@ class Trainer:
     def run(self):
         """Runs the three phases under `--distributed`'s engine (see the distribute package)."""
         cfg = self.config
+        if cfg.quantize:
+            compat.require_keras3("--quantize")
         # First: logical devices and multi-worker collectives need TensorFlow unstarted.
         self.dist = distribute.setup(
             cfg.distribute, batch_size=cfg.batch_size, full_batches=cfg.device.static

@@ -4,13 +4,15 @@ import json
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras import layers
 
+from knowledge_distillation import compat
 from knowledge_distillation.ascend import device
+from knowledge_distillation.compat import keras
+
+layers = keras.layers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NPU_STUB = os.path.join(REPO_ROOT, "tests", "npu_stub")
@@ -37,7 +39,7 @@ def npu(monkeypatch):
 
 
 def tiny_model(name="tiny", softmax=True, seed=0, conv_init="glorot_uniform"):
-    keras.utils.set_random_seed(seed)
+    compat.set_random_seed(seed)
     inputs = keras.Input((8, 8, 1))
     x = layers.Conv2D(4, 3, kernel_initializer=conv_init, name="conv")(inputs)
     x = layers.BatchNormalization(name="bn")(x)

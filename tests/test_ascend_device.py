@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.eager import context
 
-from knowledge_distillation.config import DeviceConfig
 from knowledge_distillation.ascend.device import parse_dump_steps, setup_device
+from knowledge_distillation.config import DeviceConfig
 
 from ascend_helpers import (  # noqa: F401  (fixtures are used by name)
     tensorflow_defaults,

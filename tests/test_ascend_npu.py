@@ -3,11 +3,11 @@
 import json
 import logging
 
-import keras
 import pytest
 
-from knowledge_distillation.config import PRECISION_MODES, DeviceConfig
 from knowledge_distillation.ascend.device import setup_device
+from knowledge_distillation.compat import keras
+from knowledge_distillation.config import PRECISION_MODES, DeviceConfig
 
 from ascend_helpers import (  # noqa: F401  (fixtures are used by name)
     npu,

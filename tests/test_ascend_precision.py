@@ -2,14 +2,14 @@
 
 import logging
 
-import keras
 import numpy as np
 import pytest
-from keras import layers
 
+from knowledge_distillation import compat
 from knowledge_distillation.ascend import device
-from knowledge_distillation.config import PRECISION_MODES, DeviceConfig
 from knowledge_distillation.ascend.device import setup_device
+from knowledge_distillation.compat import keras
+from knowledge_distillation.config import PRECISION_MODES, DeviceConfig
 from knowledge_distillation.kd.distiller import Distiller
 
 from ascend_helpers import (  # noqa: F401  (fixtures are used by name)
@@ -22,8 +22,32 @@ from ascend_helpers import (  # noqa: F401  (fixtures are used by name)
     write_json,
 )
 
+layers = keras.layers
+
 
 # -- precision modes on CPU --------------------------------------------------
+
+
+@pytest.fixture
+def cpu_bfloat16(monkeypatch):
+    """bfloat16 compute on the CPU. TensorFlow 2.6 has no bfloat16 convolution
+    on the CPU (traced it fails, eager it returns float32), so its trainer
+    computes in float32 there: `test_keras2_cpu_computes_float32_and_says_why`."""
+    if not compat.KERAS3:
+        pytest.skip(f"{compat.STACK} has no bfloat16 CPU convolution")
+
+
+def test_a_built_float32_layer_switched_to_mixed_computes_low_and_keeps_its_weights():
+    layer = layers.Dense(3)
+    x = np.ones((2, 4), np.float32)
+    before = layer(x).numpy()
+    compat.set_dtype_policy(layer, "mixed_float16")
+    out = layer(x)
+    assert out.dtype == "float16" and layer.compute_dtype == "float16"
+    assert [v.dtype for v in layer.weights] == ["float32", "float32"]
+    np.testing.assert_allclose(out.numpy().astype(np.float32), before, rtol=1e-2, atol=1e-2)
+    compat.set_dtype_policy(layer, "float32")
+    assert layer(x).dtype == "float32"
 
 EXPECTED_POLICIES = {
     "must_keep_origin_dtype": dict.fromkeys(
@@ -42,7 +66,7 @@ EXPECTED_POLICIES = {
 
 
 @pytest.mark.parametrize("mode", PRECISION_MODES)
-def test_precision_mode_sets_layer_compute_dtypes_and_keeps_float32_weights(tmp_path, mode):
+def test_precision_mode_sets_layer_compute_dtypes_and_keeps_float32_weights(cpu_bfloat16, tmp_path, mode):
     session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
     model = tiny_model()
     weights = model.get_weights()
@@ -62,7 +86,7 @@ def test_precision_mode_sets_layer_compute_dtypes_and_keeps_float32_weights(tmp_
     ("allow_mix_precision", {"conv_1", "leaky", "pool", "conv_2", "flatten", "logits"}),
     ("allow_fp32_to_fp16", {"conv_1", "conv_2", "logits"}),
 ])
-def test_precision_modes_on_a_sequential_seed_convnet(tmp_path, mode, low_layers):
+def test_precision_modes_on_a_sequential_seed_convnet(cpu_bfloat16, tmp_path, mode, low_layers):
     session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
     model = keras.Sequential([
         keras.Input((8, 8, 1)),
@@ -78,7 +102,7 @@ def test_precision_modes_on_a_sequential_seed_convnet(tmp_path, mode, low_layers
     assert model(np.zeros((1, 8, 8, 1), np.float32)).dtype == "bfloat16"
 
 
-def test_force_fp16_overrides_a_layer_pinned_to_float32(tmp_path):
+def test_force_fp16_overrides_a_layer_pinned_to_float32(cpu_bfloat16, tmp_path):
     session = setup_device(DeviceConfig(precision_mode="force_fp16"), str(tmp_path))
     inputs = keras.Input((4,))
     outputs = layers.Dense(2, dtype="float32", name="pinned")(inputs)
@@ -97,7 +121,7 @@ def test_short_run_under_each_precision_mode_stays_finite_and_learns(tmp_path, m
     assert model.evaluate(x, y, verbose=0) < 0.5 * untrained
 
 
-def test_distiller_losses_stay_float32_under_mixed_precision(tmp_path):
+def test_distiller_losses_stay_float32_under_mixed_precision(cpu_bfloat16, tmp_path):
     x, y = quadrant_data(32)
 
     def distiller_loss(teacher, student):
@@ -122,7 +146,20 @@ def test_distiller_losses_stay_float32_under_mixed_precision(tmp_path):
     assert float(loss) != float(reference)
 
 
-def test_wrap_optimizer_adds_loss_scaling_only_for_float16(tmp_path):
+@pytest.mark.skipif(compat.KERAS3, reason="Keras 3's TensorFlow runs bfloat16 graphs on any CPU")
+@pytest.mark.parametrize("mode", ["allow_mix_precision", "force_fp16"])
+def test_keras2_cpu_computes_float32_and_says_why(tmp_path, caplog, mode):
+    assert not compat.cpu_runs_bfloat16()  # TensorFlow 2.6: no bfloat16 Conv2D in a graph
+    with caplog.at_level(logging.WARNING):
+        session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    assert "cannot run bfloat16 convolutions on the CPU" in caplog.text
+    model = compiled(session.prepare_model(tiny_model()), session)
+    assert {layer.compute_dtype for layer in model.layers} == {"float32"}
+    x, y = quadrant_data(32)
+    assert np.isfinite(model.fit(dataset(x, y), epochs=1, verbose=0).history["loss"][0])
+
+
+def test_wrap_optimizer_adds_loss_scaling_only_for_float16(cpu_bfloat16, tmp_path):
     cpu = setup_device(DeviceConfig(), str(tmp_path))
     sgd = keras.optimizers.SGD()
     assert cpu.wrap_optimizer(sgd) is sgd  # bfloat16 needs no loss scaling
@@ -142,7 +179,7 @@ def test_wrap_optimizer_adds_loss_scaling_only_for_float16(tmp_path):
 # -- mixlist ----------------------------------------------------------------
 
 
-def test_mixlist_moves_layers_between_lists(tmp_path):
+def test_mixlist_moves_layers_between_lists(cpu_bfloat16, tmp_path):
     mixlist = write_json(
         tmp_path / "ops_info.json",
         {
@@ -214,7 +251,7 @@ def test_missing_mixlist_file_is_an_error(tmp_path):
         setup_device(DeviceConfig(use_mixlist=True, mixlist_file="nope.json"), str(tmp_path))
 
 
-def test_mixlist_with_another_mode_is_ignored_with_a_warning(tmp_path, caplog):
+def test_mixlist_with_another_mode_is_ignored_with_a_warning(cpu_bfloat16, tmp_path, caplog):
     config = DeviceConfig(precision_mode="force_fp16", use_mixlist=True, mixlist_file="nope.json")
     with caplog.at_level(logging.WARNING):
         session = setup_device(config, str(tmp_path))

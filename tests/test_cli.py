@@ -1,6 +1,5 @@
 """End-to-end runs of the trainer CLI on small slices of real Fashion-MNIST."""
 
-import csv
 import json
 import os
 import shutil
@@ -9,9 +8,11 @@ import subprocess
 import sys
 import time
 
-import keras
+import csv
 import numpy as np
 import pytest
+
+from knowledge_distillation import compat
 
 from conftest import REPO_ROOT
 
@@ -38,7 +39,7 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
     for phase in ("teacher", "scratch", "distilled"):
         assert summary[phase]["accuracy"] > 0.3  # well above chance at 10 classes
         assert np.isfinite(summary[phase]["loss"])
-        assert (out / f"{phase}.keras").is_file()
+        assert (out / f"{phase}{compat.MODEL_EXT}").is_file()
         epochs = sorted(os.listdir(out / "checkpoints" / phase))
         assert epochs == ["epoch_001.weights.h5", "epoch_002.weights.h5"]
         rows = list(csv.DictReader(open(out / "logs" / f"{phase}.csv")))
@@ -62,7 +63,7 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
 def test_distilled_student_saves_alone_and_reloads_with_its_accuracy(finished_run, small_data):
     out, _ = finished_run
     summary = json.loads((out / "summary.json").read_text())
-    student = keras.saving.load_model(out / "distilled.keras", safe_mode=True)
+    student = compat.load_model_file(str(out / f"distilled{compat.MODEL_EXT}"))
     assert student.count_params() == summary["distilled"]["parameters"]
     from knowledge_distillation.data import preprocess
     logits = student.predict(preprocess(small_data.x_test), verbose=0)
@@ -96,7 +97,7 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path, fashion_mnist_pat
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert first.exists(), "the teacher never finished its first epoch"
-    assert not (out / "teacher.keras").exists(), "killed too late to test resuming"
+    assert not (out / f"teacher{compat.MODEL_EXT}").exists(), "killed too late to test resuming"
     killed_rows = list(csv.DictReader(open(out / "logs" / "teacher.csv")))
 
     result = _run(args)
@@ -115,7 +116,7 @@ def test_rerun_after_losing_the_distilled_phase_reuses_the_teacher_cache(
     shutil.copytree(out, run)
     first = json.loads((run / "summary.json").read_text())
     assert (run / "teacher_cache" / "teacher_logits.npy").is_file()
-    os.remove(run / "distilled.keras")
+    os.remove(run / f"distilled{compat.MODEL_EXT}")
     shutil.rmtree(run / "backup" / "distilled", ignore_errors=True)
     result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2",
                            f"--output_dir={run}", "--precision_mode=must_keep_origin_dtype"])
@@ -131,7 +132,7 @@ def test_rerun_after_losing_the_distilled_phase_reuses_the_teacher_cache(
 
 def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mnist_path, tmp_path):
     out, _ = finished_run
-    teacher_path = out / "teacher.keras"
+    teacher_path = out / f"teacher{compat.MODEL_EXT}"
     result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=1",
                            f"--teacher_model={teacher_path}", f"--output_dir={tmp_path}",
                            "--precision_mode=must_keep_origin_dtype"])
@@ -139,7 +140,7 @@ def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mni
     summary = json.loads((tmp_path / "summary.json").read_text())
     original = json.loads((out / "summary.json").read_text())
     assert summary["teacher"]["trained"] is False
-    assert not (tmp_path / "teacher.keras").exists()
+    assert not (tmp_path / f"teacher{compat.MODEL_EXT}").exists()
     assert summary["teacher"]["accuracy"] == pytest.approx(original["teacher"]["accuracy"], abs=1e-6)
 
 
@@ -148,14 +149,14 @@ def test_alpha_one_distillation_is_scratch_training(finished_run, fashion_mnist_
     # same data order, the distilled student must be the scratch student.
     out, _ = finished_run
     result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2", "--alpha=1",
-                           f"--teacher_model={out / 'teacher.keras'}", f"--output_dir={tmp_path}",
+                           f"--teacher_model={out / ('teacher' + compat.MODEL_EXT)}", f"--output_dir={tmp_path}",
                            "--precision_mode=must_keep_origin_dtype"])
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["distilled"]["accuracy"] == summary["scratch"]["accuracy"]
     assert summary["distilled"]["loss"] == pytest.approx(summary["scratch"]["loss"], rel=1e-6)
-    scratch = keras.saving.load_model(tmp_path / "scratch.keras")
-    distilled = keras.saving.load_model(tmp_path / "distilled.keras")
+    scratch = compat.load_model_file(str(tmp_path / f"scratch{compat.MODEL_EXT}"))
+    distilled = compat.load_model_file(str(tmp_path / f"distilled{compat.MODEL_EXT}"))
     for a, b in zip(scratch.get_weights(), distilled.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -8,16 +8,19 @@ import logging
 import os
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
 
 from knowledge_distillation import cli, distribute
+from knowledge_distillation import compat
 from knowledge_distillation import flags as kd_flags
+from knowledge_distillation.compat import keras
 from knowledge_distillation.config import DistributeConfig
 from knowledge_distillation.distribute.callbacks import NpuBroadcastVariables
+
+from conftest import keras2_gap, keras3_only
 
 NPU_STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "npu_stub")
 
@@ -161,6 +164,7 @@ def npu(monkeypatch):
     for name in ("npu_device", "npu_device.distribute"):
         sys.modules.pop(name, None)
 
+@keras2_gap("NPU-rank gradient all-reduce on the Keras 2 optimizer")
 
 def test_npu_ranks_slice_batches_broadcast_rank0_and_all_reduce_gradients(npu, tmp_path):
     context = distribute.setup(DistributeConfig(distributed=True), batch_size=8, full_batches=True)
@@ -172,7 +176,7 @@ def test_npu_ranks_slice_batches_broadcast_rank0_and_all_reduce_gradients(npu, t
     assert [b.numpy().tolist() for b in context.shard(ds)] == [[4, 5, 6, 7], [12, 13, 14, 15]]
     assert context.shard(ds, training=False) is ds
 
-    keras.utils.set_random_seed(0)
+    compat.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")], name="ranked")
     model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
     context.prepare_fit(model)
@@ -228,6 +232,7 @@ def test_npu_rank_misconfiguration_is_an_error(npu, monkeypatch, env, kwargs, pr
 # -- the scoped Keras patch ----------------------------------------------------
 
 
+@keras3_only
 def test_keras_patch_lives_only_inside_its_block():
     from keras.src.backend.tensorflow import trainer as tf_trainer
 
@@ -242,6 +247,7 @@ def test_keras_patch_lives_only_inside_its_block():
     assert not keras_patch.is_patched()
 
 
+@keras3_only
 def test_keras_patch_refuses_a_keras_outside_its_range(monkeypatch):
     from knowledge_distillation.distribute import keras_patch
 
@@ -251,6 +257,7 @@ def test_keras_patch_refuses_a_keras_outside_its_range(monkeypatch):
             pass
 
 
+@keras3_only
 def test_keras_patch_refuses_an_iterator_without_its_data_adapter():
     from knowledge_distillation.distribute import keras_patch
 

@@ -27,11 +27,11 @@ import glob
 import importlib
 import os
 import re
-import shlex
 
 import pytest
+import shlex
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, keras3_only
 
 README = os.path.join(REPO_ROOT, "README.md")
 README_MAX_LINES = 250
@@ -335,7 +335,8 @@ def test_readme_keeps_setup_commands_and_results_heading():
     with open(README, encoding="utf-8") as f:
         text = f.read()
     for line in ("bash setup.sh && python3 -m knowledge_distillation --epoch 5",
-                 "bash setup.sh && python3 -m pytest -q tests",
+                 "bash setup.sh --stack all && python3 -m pytest -q tests && "
+                 ".venv-tf265/bin/python -m pytest -q tests",
                  "## Set-up: two commands",
                  "## Results (measured here)"):
         assert line in text.splitlines(), f"README.md lost the line {line!r}"
@@ -366,6 +367,7 @@ def test_trainer_commands_use_trainer_flags():
     assert not bad, "trainer flags that do not exist:\n" + "\n".join(bad)
 
 
+@keras3_only
 def test_quantizer_commands_use_quantizer_flags():
     known = _quantizer_flag_names()
     commands = _commands_of("quantizer")
@@ -484,7 +486,8 @@ def test_relative_links_resolve():
 
 
 @pytest.mark.parametrize("name", ["trainer.md", "device.md", "quantization.md",
-                                  "distributed.md", "performance.md", "results.md"])
+                                  "distributed.md", "performance.md", "results.md",
+                                  "stacks.md"])
 def test_docs_pages_are_linked_from_readme_and_index(name):
     for index, link in ((README, f"docs/{name}"),
                         (os.path.join(REPO_ROOT, "docs", "README.md"), name)):

@@ -4,13 +4,14 @@ Each test uses its own ASCEND_DEVICE_ID, so its outputs land in a folder of
 test/output/ that no user run shares; the folder is removed afterwards.
 """
 
-import csv
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
+import csv
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,8 @@ def device_id(request):
 
 
 def run_script(script, args, device_id, cwd):
-    env = dict(os.environ, ASCEND_DEVICE_ID=device_id)
+    # PYTHON: the scripts run the trainer on this stack's interpreter.
+    env = dict(os.environ, ASCEND_DEVICE_ID=device_id, PYTHON=sys.executable)
     return subprocess.run(
         ["bash", os.path.join(TEST_DIR, script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,

@@ -13,6 +13,8 @@ import time
 import numpy as np
 import pytest
 
+from knowledge_distillation import compat
+
 from conftest import REPO_ROOT
 
 TINY = ["--train_size=256", "--test_size=128", "--batch_size=32", "--epoch=1",
@@ -51,18 +53,18 @@ def _copy(finished, tmp_path):
 def test_rerun_of_the_same_command_re_reports_and_keeps_every_figure(finished, tmp_path, fashion_mnist_path):
     run = _copy(finished, tmp_path)
     before = (run / "summary.json").read_bytes()
-    model = _digest(run / "distilled.keras")
+    model = _digest(run / f"distilled{compat.MODEL_EXT}")
     result = _run(TINY + [f"--data_path={fashion_mnist_path}", f"--output_dir={run}"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "re-reporting" in result.stdout and "training mlp_student" not in result.stdout
     assert (run / "summary.json").read_bytes() == before
     assert json.loads(before)["examples_per_sec"] > 0
-    assert _digest(run / "distilled.keras") == model
+    assert _digest(run / f"distilled{compat.MODEL_EXT}") == model
 
 
 def test_rerun_with_settings_that_decide_the_models_is_refused(finished, tmp_path, fashion_mnist_path):
     run = _copy(finished, tmp_path)
-    model = _digest(run / "distilled.keras")
+    model = _digest(run / f"distilled{compat.MODEL_EXT}")
     args = [a for a in TINY if not a.startswith("--epoch")] + [
         "--epoch=2", "--alpha=0.9", f"--data_path={fashion_mnist_path}", f"--output_dir={run}"]
     result = _run(args)
@@ -70,7 +72,7 @@ def test_rerun_with_settings_that_decide_the_models_is_refused(finished, tmp_pat
     line = _error_line(result)
     assert "holds a run with other settings: alpha: 0.1 -> 0.9; epoch: 1 -> 2" in line
     assert "--overwrite" in line
-    assert _digest(run / "distilled.keras") == model
+    assert _digest(run / f"distilled{compat.MODEL_EXT}") == model
     # --overwrite starts over in the same folder, with the new settings.
     result = _run(args + ["--overwrite"])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -163,18 +165,18 @@ def test_a_bad_student_is_found_before_the_teacher_trains(finished, tmp_path, fa
     assert result.returncode != 0
     assert "--student: unknown model 'bogus'" in _error_line(result)
     # A student file for 5 classes, against 10-class data.
-    import keras
+    from knowledge_distillation.compat import keras
 
     five = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                              keras.layers.Dense(5)])
-    five.save(tmp_path / "five.keras")
-    result = _run(TINY + [f"--student_model={tmp_path / 'five.keras'}",
+    five.save(tmp_path / f"five{compat.MODEL_EXT}")
+    result = _run(TINY + [f"--student_model={tmp_path / ('five' + compat.MODEL_EXT)}",
                           f"--output_dir={tmp_path / 'b'}", f"--data_path={fashion_mnist_path}"],
                   timeout=120)
     assert result.returncode != 0
     assert "--student_model: model has 5 outputs but the data has 10 classes" in _error_line(result)
     assert "teacher: training" not in result.stdout
-    assert not (tmp_path / "b" / "teacher.keras").exists()
+    assert not (tmp_path / "b" / f"teacher{compat.MODEL_EXT}").exists()
 
 
 @pytest.mark.parametrize("make, problem", [
@@ -198,7 +200,7 @@ def test_non_finite_weights_end_the_run_naming_the_phase(tmp_path, fashion_mnist
     assert result.returncode != 0
     line = _error_line(result)
     assert "teacher: training produced non-finite weights" in line and "--over_dump" in line
-    assert not (tmp_path / "teacher.keras").exists()
+    assert not (tmp_path / f"teacher{compat.MODEL_EXT}").exists()
     assert not (tmp_path / "summary.json").exists()
 
 

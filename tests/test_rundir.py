@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from knowledge_distillation import compat
 from knowledge_distillation import rundir
 from knowledge_distillation.config import TrainConfig
 
@@ -26,7 +27,7 @@ def test_settings_that_decide_the_models_are_recorded_and_others_are_not():
 
 
 def test_a_user_model_file_counts_by_content(tmp_path):
-    model = tmp_path / "t.keras"
+    model = tmp_path / f"t{compat.MODEL_EXT}"
     model.write_bytes(b"one")
     first = rundir.deciding_settings(TrainConfig(teacher_model=str(model)))
     model.write_bytes(b"two")
@@ -37,7 +38,7 @@ def test_other_settings_over_earlier_outputs_are_one_error_naming_them(tmp_path)
     run = _folder(tmp_path, epoch=1)
     run.claim()
     run.release()
-    (tmp_path / "teacher.keras").write_bytes(b"a model")
+    (tmp_path / f"teacher{compat.MODEL_EXT}").write_bytes(b"a model")
     with pytest.raises(ValueError) as e:
         _folder(tmp_path, epoch=2, alpha=0.9).claim()
     assert "holds a run with other settings: alpha: 0.1 -> 0.9; epoch: 1 -> 2" in str(e.value)
@@ -49,7 +50,7 @@ def test_other_settings_over_earlier_outputs_are_one_error_naming_them(tmp_path)
 
 def test_overwrite_removes_only_what_a_run_writes(tmp_path):
     _folder(tmp_path, epoch=1).claim()
-    for name in ("teacher.keras", "summary.json", "notes.txt"):
+    for name in (f"teacher{compat.MODEL_EXT}", "summary.json", "notes.txt"):
         (tmp_path / name).write_text("x")
     (tmp_path / "checkpoints" / "teacher").mkdir(parents=True)
     os.remove(tmp_path / rundir.LOCK_FILE)
@@ -61,8 +62,8 @@ def test_overwrite_removes_only_what_a_run_writes(tmp_path):
 
 
 def test_outputs_without_a_record_are_refused(tmp_path):
-    (tmp_path / "distilled.keras").write_text("x")
-    with pytest.raises(ValueError, match=r"holds run outputs \(distilled.keras\) but no run.json"):
+    (tmp_path / f"distilled{compat.MODEL_EXT}").write_text("x")
+    with pytest.raises(ValueError, match=r"holds run outputs \(distilled\.(keras|h5)\) but no run.json"):
         _folder(tmp_path).claim()
 
 
@@ -70,7 +71,7 @@ def test_the_data_must_match_the_record(tmp_path):
     run = _folder(tmp_path)
     run.claim()
     run.check_data({"name": "a", "train": "1", "test": "2"})
-    (tmp_path / "scratch.keras").write_text("x")
+    (tmp_path / f"scratch{compat.MODEL_EXT}").write_text("x")
     with pytest.raises(ValueError, match="holds a run on other data"):
         run.check_data({"name": "a", "train": "9", "test": "2"})
     run.release()

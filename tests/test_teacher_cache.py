@@ -2,13 +2,14 @@ import json
 import logging
 import os
 
-import keras
 import numpy as np
 import pytest
 
+from knowledge_distillation import compat
 from knowledge_distillation import data as data_lib
-from knowledge_distillation.kd import teacher_cache
+from knowledge_distillation.compat import keras
 from knowledge_distillation.config import DeviceConfig, TrainConfig
+from knowledge_distillation.kd import teacher_cache
 from knowledge_distillation.kd.distiller import Distiller
 from knowledge_distillation.models import build_model
 from knowledge_distillation.train import Trainer
@@ -87,7 +88,7 @@ def test_any_change_to_the_key_recomputes_and_logs_what_changed(
     elif change == "version":
         kw["preprocessing_version"] = "2"
     elif change == "dtype":
-        teacher.layers[-1].dtype_policy = keras.DTypePolicy("mixed_bfloat16")
+        compat.set_dtype_policy(teacher.layers[-1], "mixed_bfloat16")
     with caplog.at_level(logging.INFO, logger="knowledge_distillation.kd.teacher_cache"):
         out, predict = _outputs(teacher, x, tmp_path, **kw)
     assert out.source == "computed" and predict.images == len(x)
@@ -139,9 +140,9 @@ def test_a_corrupt_cache_file_is_recomputed(teacher, small_data, tmp_path):
 def test_a_teacher_reloaded_from_its_file_and_recompiled_keeps_its_key(
         teacher, small_data, tmp_path):
     teacher.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
-    path = tmp_path / "teacher.keras"
+    path = tmp_path / f"teacher{compat.MODEL_EXT}"
     teacher.save(path)
-    reloaded = keras.saving.load_model(path)
+    reloaded = compat.load_model_file(str(path))
     reloaded.compile(optimizer="sgd", loss="mae", metrics=["accuracy"])
     x = small_data.x_train[:64]
     key = teacher_cache.cache_key(teacher, x, data_lib.preprocess)
@@ -198,7 +199,7 @@ def _train_student(small_data, teacher, cached, seed=7, epochs=2):
         ds = data_lib.make_dataset(x, y, 32, shuffle=True, seed=seed)
     distiller = Distiller(teacher=teacher, student=student, teacher_outputs_in_data=cached)
     distiller.compile(optimizer=keras.optimizers.Adam(1e-3), alpha=0.1, temperature=10.0)
-    keras.utils.set_random_seed(seed)
+    compat.set_random_seed(seed)
     history = distiller.fit(ds, epochs=epochs, verbose=0)
     return student, history.history["loss"]
 

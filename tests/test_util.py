@@ -3,10 +3,11 @@
 import os
 import stat
 
-import keras
 import numpy as np
 import pytest
 
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 from knowledge_distillation.util import cpu, digest, files, inference
 
 
@@ -53,7 +54,7 @@ def test_cpu_flags_are_read_from_cpuinfo_and_unknown_when_unreadable(tmp_path):
 
 def test_weights_digest_follows_values_not_names():
     def model(seed, name):
-        keras.utils.set_random_seed(seed)
+        compat.set_random_seed(seed)
         return keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)], name=name)
 
     a, b, c = model(0, "a"), model(0, "b"), model(1, "a")
@@ -63,7 +64,7 @@ def test_weights_digest_follows_values_not_names():
 
 
 def test_batched_predict_eager_and_compiled_agree_with_one_call():
-    keras.utils.set_random_seed(0)
+    compat.set_random_seed(0)
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     x = np.random.default_rng(0).normal(size=(70, 3)).astype("float32")
     whole = model(x).numpy()

@@ -26,9 +26,10 @@ import logging
 import os
 import tempfile
 
-import keras
 import tensorflow as tf
 
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 from knowledge_distillation.ascend import dump as data_dump
 from knowledge_distillation.ascend import monitors
 from knowledge_distillation.ascend import fusion as device_fusion
@@ -250,11 +251,11 @@ class DeviceSession:
             self.on_npu
             or self.low_policy != "mixed_float16"
             or self.config.precision_mode == "must_keep_origin_dtype"
-            or isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+            or isinstance(optimizer, compat.LossScaleOptimizer)
         ):
             return optimizer
         logger.info("float16 compute: dynamic loss scaling (LossScaleOptimizer)")
-        return keras.optimizers.LossScaleOptimizer(optimizer)
+        return compat.LossScaleOptimizer(optimizer)
 
     def compile_kwargs(self):
         """Extra `Model.compile` arguments: `jit_compile=False` where XLA must be off.
@@ -266,7 +267,7 @@ class DeviceSession:
         not on CPU.
         """
         if self._xla_off_reasons():
-            return {"jit_compile": False}
+            return compat.jit_compile_off()
         return {}
 
     def steps_per_execution(self, requested=None):
@@ -410,6 +411,12 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     low_policy = device_precision.low_precision_policy(has_gpu)
     mode = config.precision_mode
+    if not has_gpu and mode != "must_keep_origin_dtype" and not compat.cpu_runs_bfloat16():
+        logger.warning(
+            "--precision_mode=%s: %s cannot run bfloat16 convolutions on the CPU, so "
+            "every layer computes in float32 here (on Ascend, CANN applies the mode)",
+            mode, compat.STACK)
+        low_policy = "float32"
     global_policy = device_precision.global_policy_for(mode, low_policy)
     keras.mixed_precision.set_global_policy(global_policy)
     _log_precision_choice(mode, low_policy, has_gpu, global_policy)
@@ -438,13 +445,13 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
 
 
 def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
-    low = "float16" if low_policy == "mixed_float16" else "bfloat16"
-    why = (
-        "a GPU is present: float16 with dynamic loss scaling"
-        if has_gpu
-        else "no GPU: CPUs compute low precision in bfloat16 (float32's range, "
-        "no loss scaling)"
-    )
+    low = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(low_policy, "float32")
+    if has_gpu:
+        why = "a GPU is present: float16 with dynamic loss scaling"
+    elif low == "float32":
+        why = "no GPU, and no bfloat16 CPU kernels in this TensorFlow"
+    else:
+        why = "no GPU: CPUs compute low precision in bfloat16 (float32's range, no loss scaling)"
     meaning = {
         "must_keep_origin_dtype": "every layer keeps the dtype it was built with",
         "allow_fp32_to_fp16": f"matrix layers (Conv, Dense, Einsum) compute in {low}, "
@@ -461,7 +468,7 @@ def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
         global_policy,
         why,
     )
-    if mode != "must_keep_origin_dtype" and not has_gpu and cpu_info.has_bf16() is False:
+    if low == "bfloat16" and mode != "must_keep_origin_dtype" and cpu_info.has_bf16() is False:
         logger.warning(
             "this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16): bfloat16 "
             "is emulated and may be slower than --precision_mode=must_keep_origin_dtype"

@@ -13,9 +13,9 @@ import json
 import logging
 import os
 
-import keras
 import numpy as np
 
+from knowledge_distillation.compat import keras
 from knowledge_distillation.util.files import atomic_write
 from knowledge_distillation.ascend.probe import inspected_model, safe_file_name
 

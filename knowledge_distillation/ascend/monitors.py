@@ -13,10 +13,10 @@ import logging
 import math
 import os
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from knowledge_distillation import compat
 from knowledge_distillation.ascend.probe import inspected_model
 from knowledge_distillation.ascend.dump import (
     NonFiniteError,
@@ -61,7 +61,7 @@ class OverflowMonitor(_ProbeCallback):
         super().on_train_begin(logs)
         self.probe.before_fit()
         self.loss_scaling = isinstance(
-            self.model.optimizer, keras.optimizers.LossScaleOptimizer
+            self.model.optimizer, compat.LossScaleOptimizer
         )
         logger.info(
             "overflow detection on %s: %s",

@@ -21,7 +21,8 @@ no loss scaling needed).
 import dataclasses
 import logging
 
-import keras
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 
 
 logger = logging.getLogger(__name__)
@@ -64,48 +65,47 @@ _ACTIVATION_OPS = {
     "linear": (),
 }
 
-L = keras.layers
+_layers = compat.layer_classes
 # (layer classes, op types of the layer itself); the first match wins, so
 # subclasses come before their bases. Bias and `activation=` ops are added by
-# `layer_op_types`.
+# `layer_op_types`. A class this Keras lacks is left out.
 _LAYER_OPS = (
-    ((L.SeparableConv1D, L.SeparableConv2D), ("DepthwiseConv2dNative", "Conv2D")),
-    ((L.DepthwiseConv1D, L.DepthwiseConv2D), ("DepthwiseConv2dNative",)),
-    ((L.Conv1DTranspose, L.Conv2DTranspose), ("Conv2DBackpropInput",)),
-    ((L.Conv3DTranspose,), ("Conv3DBackpropInputV2",)),
-    ((L.Conv3D,), ("Conv3D",)),
+    (_layers("SeparableConv1D", "SeparableConv2D"), ("DepthwiseConv2dNative", "Conv2D")),
+    (_layers("DepthwiseConv1D", "DepthwiseConv2D"), ("DepthwiseConv2dNative",)),
+    (_layers("Conv1DTranspose", "Conv2DTranspose"), ("Conv2DBackpropInput",)),
+    (_layers("Conv3DTranspose"), ("Conv3DBackpropInputV2",)),
+    (_layers("Conv3D"), ("Conv3D",)),
     # TensorFlow runs a 1-D convolution as Conv2D on an expanded input.
-    ((L.Conv1D, L.Conv2D), ("Conv2D",)),
-    ((L.Dense,), ("MatMul",)),
-    ((L.EinsumDense,), ("Einsum",)),
-    ((L.BatchNormalization,), ("FusedBatchNormV3",)),
-    ((L.LayerNormalization,), ("LayerNorm",)),
-    ((L.LeakyReLU,), ("LeakyRelu",)),
-    ((L.PReLU,), ("PRelu",)),
-    ((L.ELU,), ("Elu",)),
-    ((L.Softmax,), ("Softmax",)),
-    ((L.MaxPooling1D, L.MaxPooling2D), ("MaxPool",)),
-    ((L.MaxPooling3D,), ("MaxPool3D",)),
-    ((L.AveragePooling1D, L.AveragePooling2D), ("AvgPool",)),
-    ((L.AveragePooling3D,), ("AvgPool3D",)),
+    (_layers("Conv1D", "Conv2D"), ("Conv2D",)),
+    (_layers("Dense"), ("MatMul",)),
+    (_layers("EinsumDense"), ("Einsum",)),
+    (_layers("BatchNormalization"), ("FusedBatchNormV3",)),
+    (_layers("LayerNormalization"), ("LayerNorm",)),
+    (_layers("LeakyReLU"), ("LeakyRelu",)),
+    (_layers("PReLU"), ("PRelu",)),
+    (_layers("ELU"), ("Elu",)),
+    (_layers("Softmax"), ("Softmax",)),
+    (_layers("MaxPooling1D", "MaxPooling2D"), ("MaxPool",)),
+    (_layers("MaxPooling3D"), ("MaxPool3D",)),
+    (_layers("AveragePooling1D", "AveragePooling2D"), ("AvgPool",)),
+    (_layers("AveragePooling3D"), ("AvgPool3D",)),
     (
-        (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D, L.GlobalAveragePooling3D),
+        _layers("GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalAveragePooling3D"),
         ("Mean",),
     ),
-    ((L.GlobalMaxPooling1D, L.GlobalMaxPooling2D, L.GlobalMaxPooling3D), ("Max",)),
-    ((L.Flatten, L.Reshape), ("Reshape",)),
-    ((L.Permute,), ("Transpose",)),
-    ((L.Add,), ("AddV2",)),
-    ((L.Subtract,), ("Sub",)),
-    ((L.Multiply,), ("Mul",)),
-    ((L.Concatenate,), ("ConcatV2",)),
-    ((L.Maximum,), ("Maximum",)),
-    ((L.Minimum,), ("Minimum",)),
-    ((L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D), ("Pad",)),
-    ((L.Rescaling,), ("Mul", "AddV2")),
-    ((L.Embedding,), ("GatherV2",)),
+    (_layers("GlobalMaxPooling1D", "GlobalMaxPooling2D", "GlobalMaxPooling3D"), ("Max",)),
+    (_layers("Flatten", "Reshape"), ("Reshape",)),
+    (_layers("Permute"), ("Transpose",)),
+    (_layers("Add"), ("AddV2",)),
+    (_layers("Subtract"), ("Sub",)),
+    (_layers("Multiply"), ("Mul",)),
+    (_layers("Concatenate"), ("ConcatV2",)),
+    (_layers("Maximum"), ("Maximum",)),
+    (_layers("Minimum"), ("Minimum",)),
+    (_layers("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D"), ("Pad",)),
+    (_layers("Rescaling"), ("Mul", "AddV2")),
+    (_layers("Embedding"), ("GatherV2",)),
 )
-del L
 
 # Ascend spellings of the same ops, so an ops_info.json written for Ascend
 # works unchanged.
@@ -154,7 +154,7 @@ def layer_op_types(layer):
             ops.update(layer_ops)
             break
     if isinstance(layer, keras.layers.ReLU):
-        ops.add("LeakyRelu" if layer.negative_slope else "Relu")
+        ops.add("LeakyRelu" if compat.leaky_slope(layer) else "Relu")
     if getattr(layer, "use_bias", False) and ops & MATRIX_OPS:
         ops.add("BiasAdd")
     activation = getattr(layer, "activation", None)
@@ -282,10 +282,7 @@ def _ordered_layers(model):
 
 def _upstream_layers(layer):
     """Layers feeding `layer` in a functional graph; None when unknown."""
-    nodes = getattr(layer, "_inbound_nodes", None)
-    if not nodes:
-        return None
-    return [parent.operation for parent in nodes[0].parent_nodes]
+    return compat.inbound_layers(layer)
 
 
 def plan_layer_policies(model, mode, low_policy, mixlist=None):
@@ -350,7 +347,7 @@ def apply_layer_policies(plan):
     """
     for layer, policy, _ in plan:
         if layer.dtype_policy.name != policy:
-            layer.dtype_policy = policy
+            compat.set_dtype_policy(layer, policy)
 
 
 def summarize_plan(plan):

@@ -22,9 +22,11 @@ student; the loss is still the Distiller's.
 import dataclasses
 import re
 
-import keras
 import numpy as np
 import tensorflow as tf
+
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 
 
 def inspected_model(model):
@@ -46,7 +48,7 @@ def _layer_outputs(target):
         if isinstance(layer, keras.layers.InputLayer):
             continue
         try:
-            outputs = keras.tree.flatten(layer.output)
+            outputs = tf.nest.flatten(layer.output)
         except (AttributeError, ValueError) as e:
             raise ValueError(
                 f"cannot read the output of layer {layer.name!r} of {target.name!r} "
@@ -186,8 +188,8 @@ class StepProbe:
         before training.
         """
         optimizer = self.model.optimizer
-        if optimizer is not None and not optimizer.built:
-            optimizer.build(self.model.trainable_variables)
+        if optimizer is not None:
+            compat.build_optimizer(optimizer, self.model.trainable_variables)
         self.check_inspectable()
 
     def check_inspectable(self):
@@ -213,7 +215,7 @@ class StepProbe:
         scale_before = self._capture(data)
         logs = self._original(data)
         if self.check_finite:
-            weights = [v.value for v in self.model.trainable_variables]
+            weights = [compat.variable_value(v) for v in self.model.trainable_variables]
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(w)) for w in weights])
             scale_after = self._loss_scale()
             self._status.assign(
@@ -225,8 +227,8 @@ class StepProbe:
 
     def _loss_scale(self):
         optimizer = self.model.optimizer
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            return tf.cast(tf.identity(optimizer.dynamic_scale.value), tf.float32)
+        if isinstance(optimizer, compat.LossScaleOptimizer):
+            return compat.loss_scale_value(optimizer)
         return tf.constant(0.0)
 
     def _capture(self, data):
@@ -253,7 +255,7 @@ class StepProbe:
             for var, t in zip(self._batch_vars, leaves):
                 var.assign(t)
             for backup, v in zip(self._backup, variables):
-                backup.assign(v.value)
+                backup.assign(compat.variable_value(v))
             self._scale_var.assign(scale)
             return tf.constant(True)
 
@@ -298,9 +300,7 @@ class StepProbe:
             with tf.GradientTape() as tape:
                 outs = extractor(_inputs_of(model, x), training=True)
                 y_pred = outs[0] if n_outputs == 1 else outs[:n_outputs]
-                loss = model.compute_loss(
-                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-                )
+                loss = compat.model_loss(model, x, y, y_pred, sample_weight)
                 scaled = loss * scale if scale else loss
             grads = tape.gradient(scaled, weights)
             connected[:] = [g is not None for g in grads]
@@ -308,8 +308,8 @@ class StepProbe:
 
         # Put the pre-step weights back, replay (in a replica context, which a
         # one-replica strategy's variables need), restore the post-step state.
-        state = list(target.variables) + list(model.metrics_variables)
-        after = [tf.identity(v.value) for v in state]
+        state = list(target.variables) + compat.metrics_variables(model)
+        after = [tf.identity(compat.variable_value(v)) for v in state]
         for v, backup in zip(target.variables, self._backup):
             v.assign(backup.value())
         try:
@@ -328,7 +328,7 @@ class StepProbe:
         ]
         after_by_id = {id(v): value for v, value in zip(state, after)}
         dtypes = {}
-        images = keras.tree.flatten(_inputs_of(model, x))
+        images = tf.nest.flatten(_inputs_of(model, x))
         return StepTensors(
             inputs=[
                 (f"input_{i}" if len(images) > 1 else "input", _to_numpy(t, dtypes))
@@ -369,7 +369,7 @@ def _weight_owners(target):
 
 
 def _weight_name(weight, owner):
-    path = weight.path
+    path = compat.variable_path(weight)
     start = path.find(owner + "/")
     return path[start + len(owner) + 1 :] if start >= 0 else path.rsplit("/", 1)[-1]
 

@@ -30,7 +30,7 @@ def _load_tfds(name, data_dir, train_size, test_size):
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(not_prepared) from e
-    if not builder.is_prepared():
+    if not _is_prepared(builder):
         raise DataError(not_prepared)
     where = str(builder.data_path)
     features = builder.info.features
@@ -97,3 +97,8 @@ def _load_tfds(name, data_dir, train_size, test_size):
     )
 
 
+def _is_prepared(builder):
+    """Whether the builder's files are on disk (tfds 4.8, for TensorFlow 2.6, has no `is_prepared`)."""
+    if hasattr(builder, "is_prepared"):
+        return builder.is_prepared()
+    return os.path.isfile(os.path.join(str(builder.data_dir), "dataset_info.json"))

@@ -2,8 +2,8 @@
 
 import logging
 
-import keras
 
+from knowledge_distillation.compat import keras
 from knowledge_distillation.util.digest import weights_digest
 
 logger = logging.getLogger(__name__)

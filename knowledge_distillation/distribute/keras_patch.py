@@ -19,7 +19,8 @@ strategy are left to Keras.
 
 `patched_trainer()` applies it for the length of a `with` block (the
 distributed context's `scope()` enters it) and restores Keras' own functions
-on the way out. It was written against Keras 3.15's private trainer
+on the way out. Keras 2.6's trainer needs none of it and is left alone.
+It was written against Keras 3.15's private trainer
 internals: outside `SUPPORTED_KERAS`, or when one of the attributes it
 touches is missing, it fails with an error naming what changed.
 """
@@ -27,7 +28,9 @@ touches is missing, it fails with an error naming what changed.
 import contextlib
 import logging
 
-import keras
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
+
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,9 @@ def patched_trainer():
             lacks an attribute the patch touches.
     """
     global _depth, _originals
+    if not compat.KERAS3:  # Keras 2.6's trainer runs tf.distribute unpatched
+        yield
+        return
     tf_trainer = _trainer_module()
     if _depth == 0:
         _originals = _apply(tf_trainer)
@@ -151,7 +157,8 @@ def patched_trainer():
 
 def check_supported():
     """Fails early, before any training, when the patch cannot apply to this Keras."""
-    _trainer_module()
+    if compat.KERAS3:
+        _trainer_module()
 
 
 def is_patched():

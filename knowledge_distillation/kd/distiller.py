@@ -7,10 +7,10 @@ the same loop: float block as teacher, quantized block as student, `alpha=0`
 and an MSE `FeatureDistillation` loss.
 """
 
-import keras
 import tensorflow as tf
-from keras import ops
 
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 from knowledge_distillation.kd.losses import as_distillation_loss, loss_temperature, replica_mean
 
 DEFAULT_TEMPERATURE = 10.0
@@ -27,8 +27,8 @@ def _scale_for_replicas(value):
     return value
 
 
-@keras.saving.register_keras_serializable(package="knowledge_distillation")
-class Distiller(keras.Model):
+@compat.serializable
+class Distiller(compat.LossModel):
     """Trains `student` on `alpha * label loss + (1 - alpha) * distillation loss`.
 
     Only the student's weights train; the teacher runs in inference mode.
@@ -147,7 +147,7 @@ class Distiller(keras.Model):
         self.student_loss_fn = student_loss_fn
         own = (
             loss_temperature(distillation_loss_fn)
-            if isinstance(distillation_loss_fn, keras.distillation.DistillationLoss)
+            if isinstance(distillation_loss_fn, compat.DistillationLoss)
             else None
         )
         if own is not None and temperature is not None and float(temperature) != own:
@@ -193,7 +193,7 @@ class Distiller(keras.Model):
                 "this Distiller has no teacher model: pass "
                 "(x, teacher_outputs) as input"
             )
-        return ops.stop_gradient(self.teacher(x, training=False))
+        return tf.stop_gradient(self.teacher(x, training=False))
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
@@ -208,11 +208,9 @@ class Distiller(keras.Model):
         images, teacher_out = self._split_inputs(x)
         if y_pred is None:
             y_pred = self.student(images, training=training)
-        y_pred32 = keras.tree.map_structure(
-            lambda t: ops.cast(t, "float32"), y_pred
-        )
+        y_pred32 = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), y_pred)
 
-        student_loss = ops.convert_to_tensor(0.0)
+        student_loss = tf.constant(0.0)
         if self.alpha > 0.0:
             if y is None:
                 raise ValueError(
@@ -220,21 +218,18 @@ class Distiller(keras.Model):
                 )
             student_loss = replica_mean(self.student_loss_fn, y, y_pred32)
 
-        distillation_loss = ops.convert_to_tensor(0.0)
+        distillation_loss = tf.constant(0.0)
         if self.alpha < 1.0:
             if teacher_out is None:
                 teacher_out = self.teacher_outputs(images)
-            teacher_out = keras.tree.map_structure(
-                lambda t: ops.cast(t, "float32"), teacher_out
-            )
-            distillation_loss = ops.cast(
-                self.distillation_loss.compute_loss(teacher_out, y_pred32),
-                "float32",
+            teacher_out = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), teacher_out)
+            distillation_loss = tf.cast(
+                self.distillation_loss.compute_loss(teacher_out, y_pred32), tf.float32
             )
 
         total = self.alpha * student_loss + (1.0 - self.alpha) * distillation_loss
         if self.student.losses:
-            total = total + ops.cast(ops.sum(self.student.losses), "float32")
+            total = total + tf.add_n([tf.cast(l, tf.float32) for l in self.student.losses])
         self.student_loss_tracker.update_state(student_loss)
         self.distillation_loss_tracker.update_state(distillation_loss)
         return _scale_for_replicas(total)
@@ -243,8 +238,8 @@ class Distiller(keras.Model):
         config = super().get_config()
         config.update(
             {
-                "teacher": keras.saving.serialize_keras_object(self.teacher),
-                "student": keras.saving.serialize_keras_object(self.student),
+                "teacher": compat.serialize(self.teacher),
+                "student": compat.serialize(self.student),
                 "teacher_outputs_in_data": self.teacher_outputs_in_data,
             }
         )
@@ -256,10 +251,10 @@ class Distiller(keras.Model):
             return config
         config.update(
             {
-                "student_loss_fn": keras.saving.serialize_keras_object(
+                "student_loss_fn": compat.serialize(
                     self.student_loss_fn
                 ),
-                "distillation_loss_fn": keras.saving.serialize_keras_object(
+                "distillation_loss_fn": compat.serialize(
                     self.distillation_loss
                 ),
                 "alpha": self.alpha,
@@ -271,10 +266,10 @@ class Distiller(keras.Model):
     def compile_from_config(self, config):
         config = dict(config)
         own = {key: config.pop(key) for key in _DISTILLER_COMPILE_KEYS if key in config}
-        config = keras.saving.deserialize_keras_object(config)
+        config = compat.deserialize(config)
         for key in ("student_loss_fn", "distillation_loss_fn"):
             if own.get(key) is not None:
-                own[key] = keras.saving.deserialize_keras_object(own[key])
+                own[key] = compat.deserialize(own[key])
         loss = own.get("distillation_loss_fn")
         if loss_temperature(loss) is not None:
             own["temperature"] = None  # the loss object carries it
@@ -287,5 +282,5 @@ class Distiller(keras.Model):
         config = dict(config)
         for key in ("teacher", "student"):
             if config.get(key) is not None:
-                config[key] = keras.saving.deserialize_keras_object(config[key])
+                config[key] = compat.deserialize(config[key])
         return cls(**config)

@@ -8,13 +8,12 @@ the logits, and always carries the explicit T^2 factor.
 
 import logging
 
-import keras
 import tensorflow as tf
-from keras import ops
+
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 
 logger = logging.getLogger(__name__)
-
-_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight")
 
 
 def soft_kl_divergence(teacher_logits, student_logits, temperature):
@@ -30,18 +29,18 @@ def soft_kl_divergence(teacher_logits, student_logits, temperature):
     Returns:
         Scalar float32 tensor (without the T^2 factor).
     """
-    t = ops.cast(teacher_logits, "float32") / temperature
-    s = ops.cast(student_logits, "float32") / temperature
-    log_p_teacher = ops.log_softmax(t, axis=-1)
-    log_p_student = ops.log_softmax(s, axis=-1)
-    per_example = ops.sum(
-        ops.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1
+    t = tf.cast(teacher_logits, tf.float32) / temperature
+    s = tf.cast(student_logits, tf.float32) / temperature
+    log_p_teacher = tf.nn.log_softmax(t, axis=-1)
+    log_p_student = tf.nn.log_softmax(s, axis=-1)
+    per_example = tf.reduce_sum(
+        tf.exp(log_p_teacher) * (log_p_teacher - log_p_student), axis=-1
     )
-    return ops.mean(per_example)
+    return tf.reduce_mean(per_example)
 
 
-@keras.saving.register_keras_serializable(package="knowledge_distillation")
-class KDLoss(keras.distillation.DistillationLoss):
+@compat.serializable
+class KDLoss(compat.DistillationLoss):
     """Hinton et al. (2015) soft-target loss: `T^2 * KL(p_t^T || p_s^T)`.
 
     The T^2 factor keeps the soft-target gradients on the same scale as the
@@ -78,8 +77,8 @@ class KDLoss(keras.distillation.DistillationLoss):
         return cls(**config)
 
 
-@keras.saving.register_keras_serializable(package="knowledge_distillation")
-class KerasLossDistillation(keras.distillation.DistillationLoss):
+@compat.serializable
+class KerasLossDistillation(compat.DistillationLoss):
     """Adapts a plain Keras loss the way the keras-io / ModelZoo code uses it.
 
     `loss(softmax(t/T), softmax(s/T)) * T^2`, evaluated in float32, e.g. with
@@ -97,9 +96,9 @@ class KerasLossDistillation(keras.distillation.DistillationLoss):
         self.temperature = float(temperature)
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        t = ops.cast(teacher_outputs, "float32") / self.temperature
-        s = ops.cast(student_outputs, "float32") / self.temperature
-        value = replica_mean(self.loss, ops.softmax(t, axis=-1), ops.softmax(s, axis=-1))
+        t = tf.cast(teacher_outputs, tf.float32) / self.temperature
+        s = tf.cast(student_outputs, tf.float32) / self.temperature
+        value = replica_mean(self.loss, tf.nn.softmax(t, axis=-1), tf.nn.softmax(s, axis=-1))
         return value * (self.temperature**2)
 
     def get_config(self):
@@ -110,8 +109,8 @@ class KerasLossDistillation(keras.distillation.DistillationLoss):
         return cls(keras.losses.deserialize(config["loss"]), config["temperature"])
 
 
-@keras.saving.register_keras_serializable(package="knowledge_distillation")
-class OutputLoss(keras.distillation.DistillationLoss):
+@compat.serializable
+class OutputLoss(compat.DistillationLoss):
     """A Keras loss between teacher and student outputs, each divided by `temperature`.
 
     What `keras.distillation.LogitsDistillation` does with a non-KL loss and
@@ -129,8 +128,8 @@ class OutputLoss(keras.distillation.DistillationLoss):
         self.temperature = float(temperature)
 
     def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
-        t = ops.cast(teacher_outputs, "float32")
-        s = ops.cast(student_outputs, "float32")
+        t = tf.cast(teacher_outputs, tf.float32)
+        s = tf.cast(student_outputs, tf.float32)
         if self.temperature != 1.0:
             t, s = t / self.temperature, s / self.temperature
         return replica_mean(self.loss, t, s)
@@ -146,12 +145,12 @@ class OutputLoss(keras.distillation.DistillationLoss):
 def replica_mean(loss_fn, y_true, y_pred):
     """Mean of `loss_fn` over this replica's batch, never pre-divided by the replica count.
 
-    Under tf.distribute a `keras.losses.Loss` with a mean reduction returns
-    its mean divided by `num_replicas_in_sync` (Keras' convention, so that
-    compiled losses sum to the global mean); a plain loss function returns
-    per-example values. This undoes the division, as Keras' own trainer does
-    for its loss trackers, so every term of the Distiller's loss is a plain
-    mean and is scaled once, in `Distiller.compute_loss`.
+    Under tf.distribute a Keras 3 `keras.losses.Loss` with a mean reduction
+    returns its mean divided by `num_replicas_in_sync` (so that compiled
+    losses sum to the global mean), and Keras 2.6 refuses its "auto"
+    reduction there. Such a loss is taken unreduced and averaged here
+    (`compat.per_example_loss`), so every term of the Distiller's loss is a
+    plain mean on both stacks and is scaled once, in `Distiller.compute_loss`.
 
     Args:
         loss_fn: a Keras loss object or a callable returning per-example values.
@@ -161,16 +160,13 @@ def replica_mean(loss_fn, y_true, y_pred):
     Returns:
         Scalar tensor.
     """
-    value = ops.mean(loss_fn(y_true, y_pred))
-    if isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction in _MEAN_REDUCTIONS:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            value = value * float(replicas)
-    return value
+    if isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction in compat.MEAN_REDUCTIONS:
+        return tf.reduce_mean(compat.per_example_loss(loss_fn, y_true, y_pred))
+    return tf.reduce_mean(loss_fn(y_true, y_pred))
 
 
 def _single_leaf(loss, what):
-    leaves = [leaf for leaf in keras.tree.flatten(loss) if leaf is not None]
+    leaves = [leaf for leaf in tf.nest.flatten(loss) if leaf is not None]
     if len(leaves) != 1:
         raise ValueError(
             f"{what} has {len(leaves)} losses: this Distiller distils one output, "
@@ -194,7 +190,7 @@ def _from_keras_distillation(loss_obj):
     becomes Hinton's KD (T^2 KL of the softened distributions), any other
     leaf the same loss through `replica_mean`.
     """
-    if isinstance(loss_obj, keras.distillation.LogitsDistillation):
+    if isinstance(loss_obj, compat.LogitsDistillation):
         leaf = _single_leaf(loss_obj.loss, "LogitsDistillation")
         if _is_kl(leaf):
             if not isinstance(leaf, keras.losses.KLDivergence):
@@ -231,10 +227,9 @@ def as_distillation_loss(distillation_loss_fn, temperature):
     """
     if distillation_loss_fn is None:
         return KDLoss(temperature)
-    if isinstance(distillation_loss_fn, (keras.distillation.LogitsDistillation,
-                                         keras.distillation.FeatureDistillation)):
+    if isinstance(distillation_loss_fn, (compat.LogitsDistillation, compat.FeatureDistillation)):
         return _from_keras_distillation(distillation_loss_fn)
-    if isinstance(distillation_loss_fn, keras.distillation.DistillationLoss):
+    if isinstance(distillation_loss_fn, compat.DistillationLoss):
         return distillation_loss_fn
     if isinstance(distillation_loss_fn, str):
         distillation_loss_fn = keras.losses.get(distillation_loss_fn)

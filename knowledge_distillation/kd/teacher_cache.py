@@ -51,10 +51,11 @@ import os
 import time
 from typing import Optional
 
-import keras
 import numpy as np
 import tensorflow as tf
 
+from knowledge_distillation import compat
+from knowledge_distillation.compat import keras
 from knowledge_distillation.util.digest import hash_array, weights_digest
 from knowledge_distillation.util.files import atomic_path, write_json_atomic
 
@@ -91,6 +92,8 @@ def _json_default(value):
         return {"class": type(value).__name__, "config": value.get_config()}
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.ndarray):  # Keras 2.6 keeps some shapes as arrays
+        return {"ndarray": value.tolist(), "dtype": value.dtype.str}
     raise TypeError(f"cannot fingerprint a {type(value).__name__} in the teacher's config")
 
 
@@ -229,7 +232,7 @@ class TeacherOutputs:
             return np.asarray(array[np.sort(indices)][np.argsort(np.argsort(indices))],
                               dtype=np.float32)
 
-        outputs = tf.numpy_function(rows, [column], tf.float32, stateful=False)
+        outputs = compat.numpy_function(rows, [column], tf.float32)
         outputs.set_shape(column.shape[:1].concatenate(array.shape[1:]))
         return (x, outputs), y
 

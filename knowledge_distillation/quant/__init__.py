@@ -14,7 +14,18 @@ quant.save_quant_model(qmodel, "output", "my_model")
 
 or all at once, with evaluation: `quant.quantize_model(model, data, "output")`.
 Command line: `python -m knowledge_distillation.quant --model m.keras`.
+
+Keras 3 only: on the Keras 2.6 (Ascend) stack, importing it is one clear
+error. Quantize on a Keras 3 host; it loads the `.h5` models that stack writes.
 """
+
+from knowledge_distillation import compat
+
+if not compat.KERAS3:
+    raise ImportError(
+        f"knowledge_distillation.quant needs Keras 3 (TensorFlow 2.16+ on Python 3.10+); "
+        f"this is {compat.STACK}. Quantize on a Keras 3 host: it loads the .h5 models "
+        "this stack writes")
 
 from knowledge_distillation.quant.quantize import (
     compare_logits,

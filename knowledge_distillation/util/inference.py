@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from knowledge_distillation import compat
+
 
 def array_batches(x, batch_size):
     """Slices of `x` (an array, or a list of arrays for a model with several inputs)."""
@@ -27,6 +29,4 @@ def batched_predict(model, batches, compiled=False):
     """
     if compiled:
         return np.asarray(model.predict(batches, verbose=0))
-    import keras
-
-    return np.concatenate([keras.ops.convert_to_numpy(model(b, training=False)) for b in batches])
+    return np.concatenate([compat.to_numpy(model(b, training=False)) for b in batches])

@@ -72,8 +72,9 @@ def quiet_tensorflow_start():
         with tempfile.TemporaryFile(mode="w+b") as captured:
             os.dup2(captured.fileno(), 2)
             try:
-                import keras  # noqa: F401
                 import tensorflow  # noqa: F401
+
+                import knowledge_distillation.compat  # noqa: F401  (imports Keras)
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
