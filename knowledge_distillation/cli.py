@@ -30,7 +30,7 @@ def main(argv=None):
         return config
     # Imported late: TensorFlow start-up should not delay --help or flag errors.
     quiet_tensorflow_start()
-    from knowledge_distillation import distribute, rundir, train
+    from knowledge_distillation import compat, distribute, rundir, train
 
     try:
         # Only the chief logs into --output_dir (other workers: a folder of their own).
@@ -50,6 +50,8 @@ def main(argv=None):
         return 1
     print(train.format_summary(summary))
     print(f"summary written to {os.path.join(config.output_dir, train.SUMMARY_FILE)}")
+    if summary.get("distribute", {}).get("engine") == "multi_worker":
+        compat.end_multi_worker_process()
     return 0
 
 

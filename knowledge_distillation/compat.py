@@ -14,8 +14,11 @@ by the functions below, and nowhere else. The quantizer is Keras 3 only
 """
 
 import inspect
+import logging
+import os
 import platform
 import random
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -369,6 +372,23 @@ else:
             y_pred = self(x, training=False)
             loss = self.compute_loss(x, y, y_pred, sample_weight, training=False)
             return self._step_logs(y, y_pred, sample_weight, loss)
+
+
+def end_multi_worker_process(code=0):
+    """Ends a finished multi-worker process where TensorFlow cannot shut it down.
+
+    TensorFlow 2.6's collective executor aborts interpreter shutdown after a
+    MultiWorkerMirroredStrategy run ("terminate called without an active
+    exception", SIGABRT) although every output is written; there the process
+    flushes and exits with `code` at once. Keras 3's TensorFlow shuts down
+    normally, and this returns.
+    """
+    if KERAS3:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def environment():

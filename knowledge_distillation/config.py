@@ -13,6 +13,10 @@ PRECISION_MODES = (
     "force_fp16",
     "must_keep_origin_dtype",
     "allow_mix_precision",
+    # Newer CANN modes (npu_device accepts them too).
+    "force_fp32",
+    "allow_mix_precision_bf16",
+    "allow_fp32_to_bf16",
 )
 
 DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"

@@ -421,6 +421,7 @@ class Trainer:
                 "num_classes": self.data.num_classes,
             },
             "dtype_policy": keras.mixed_precision.global_policy().name,
+            "stack": compat.environment(),
             "distribute": self.dist.describe(),
             "config": dataclasses.asdict(cfg),
         }

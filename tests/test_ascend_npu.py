@@ -136,8 +136,9 @@ def test_npu_default_dump_paths_are_created_under_the_output_dir(npu, tmp_path):
     assert (tmp_path / "data_dump").is_dir() and (tmp_path / "over_dump").is_dir()
 
 
-@pytest.mark.parametrize("mode", [m for m in PRECISION_MODES if m != "allow_mix_precision"])
-def test_npu_mixlist_is_only_set_with_allow_mix_precision(npu, tmp_path, caplog, mode):
+@pytest.mark.parametrize("mode", [m for m in PRECISION_MODES
+                                  if m not in ("allow_mix_precision", "allow_mix_precision_bf16")])
+def test_npu_mixlist_is_only_set_with_the_mix_precision_modes(npu, tmp_path, caplog, mode):
     config = DeviceConfig(precision_mode=mode, use_mixlist=True, mixlist_file="missing.json")
     with caplog.at_level(logging.WARNING):
         setup_device(config, str(tmp_path))
@@ -179,3 +180,16 @@ def test_npu_malformed_fusion_file_fails_before_opening(npu, tmp_path):
 def test_npu_leaves_the_training_loop_to_npu_device(npu, tmp_path):
     session = setup_device(DeviceConfig(over_dump=True), str(tmp_path))
     assert session.steps_per_execution() == (1, "npu_device runs the training loop")
+
+
+def test_the_stand_in_is_as_strict_as_npu_device(npu):
+    options = npu.global_options()
+    with pytest.raises(ValueError, match="has no option precison_mode"):
+        options.precison_mode = "allow_mix_precision"
+    with pytest.raises(ValueError, match="'fp8' not in optional list"):
+        options.precision_mode = "fp8"
+    with pytest.raises(ValueError, match="'both' not in optional list"):
+        options.dump_config.dump_mode = "both"
+    with pytest.raises(ValueError, match="has no option profiling_config.enable"):
+        options.profiling_config.enable = True
+    assert npu.calls == []  # nothing rejected was recorded

@@ -62,7 +62,11 @@ EXPECTED_POLICIES = {
         "softmax": "float32",
     },
     "force_fp16": dict.fromkeys(["conv", "bn", "relu", "flatten", "dense", "softmax"], LOW),
+    "force_fp32": dict.fromkeys(["conv", "bn", "relu", "flatten", "dense", "softmax"], "float32"),
 }
+# bfloat16 is this CPU suite's low precision, so the bf16 modes match their base modes here.
+EXPECTED_POLICIES["allow_fp32_to_bf16"] = EXPECTED_POLICIES["allow_fp32_to_fp16"]
+EXPECTED_POLICIES["allow_mix_precision_bf16"] = EXPECTED_POLICIES["allow_mix_precision"]
 
 
 @pytest.mark.parametrize("mode", PRECISION_MODES)
@@ -167,13 +171,39 @@ def test_wrap_optimizer_adds_loss_scaling_only_for_float16(cpu_bfloat16, tmp_pat
         DeviceConfig(precision_mode="allow_fp32_to_fp16"), str(tmp_path), low_policy="mixed_float16"
     )
     wrapped = gpu.wrap_optimizer(sgd)
-    assert isinstance(wrapped, keras.optimizers.LossScaleOptimizer)
+    assert isinstance(wrapped, compat.LossScaleOptimizer)
     assert gpu.wrap_optimizer(wrapped) is wrapped
     keep = device.DeviceSession(
         DeviceConfig(precision_mode="must_keep_origin_dtype"), str(tmp_path),
         low_policy="mixed_float16",
     )
     assert keep.wrap_optimizer(sgd) is sgd
+
+
+@pytest.mark.parametrize("mode, low, scaled", [
+    ("allow_mix_precision", "mixed_float16", True),
+    ("allow_mix_precision_bf16", "mixed_bfloat16", False),
+    ("allow_fp32_to_bf16", "mixed_bfloat16", False),
+    ("force_fp32", "mixed_float16", False),
+])
+def test_on_a_gpu_the_bf16_modes_use_bfloat16_without_loss_scaling(
+        tmp_path, monkeypatch, mode, low, scaled):
+    real = device.tf.config.list_physical_devices
+    monkeypatch.setattr(device.tf.config, "list_physical_devices",
+                        lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU" else real(kind))
+    session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    assert session.low_policy == low
+    wrapped = session.wrap_optimizer(keras.optimizers.SGD())
+    assert isinstance(wrapped, compat.LossScaleOptimizer) == scaled
+
+
+def test_force_fp32_computes_float32_even_in_a_layer_built_low(tmp_path):
+    session = setup_device(DeviceConfig(precision_mode="force_fp32"), str(tmp_path))
+    inputs = keras.Input((4,))
+    outputs = layers.Dense(2, dtype="mixed_float16", name="built_low")(inputs)
+    model = session.prepare_model(keras.Model(inputs, outputs))
+    assert model.get_layer("built_low").compute_dtype == "float32"
+    assert model(np.ones((1, 4), np.float32)).dtype == "float32"
 
 
 # -- mixlist ----------------------------------------------------------------

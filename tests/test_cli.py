@@ -48,6 +48,8 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
     assert summary["data"] == {"name": "fashion-mnist", "train_examples": 1024,
                                "test_examples": 256, "input_shape": [28, 28, 1],
                                "num_classes": 10}
+    assert summary["stack"]["keras"] == compat.KERAS_VERSION
+    assert summary["stack"]["stack"] == compat.STACK
     assert summary["examples_per_sec"] > 0
     assert summary["distilled"]["parameters"] == summary["scratch"]["parameters"]
     # Even two short epochs on 1024 images teach something.

@@ -192,8 +192,8 @@ def test_distiller_round_trips_through_a_file_with_its_compile_settings(small_da
     d = _compiled(teacher, student, alpha=0.3, temperature=4.0)
     d.fit(data_lib.make_dataset(small_data.x_train[:64], small_data.y_train[:64], 32),
           epochs=1, verbose=0)
-    d.save(tmp_path / f"distiller{compat.MODEL_EXT}")
-    loaded = compat.load_model_file(str(tmp_path / f"distiller{compat.MODEL_EXT}"))
+    d.save(tmp_path / "distiller.keras")
+    loaded = keras.saving.load_model(tmp_path / "distiller.keras")  # with its compile settings
     assert isinstance(loaded, Distiller)
     assert (loaded.alpha, loaded.temperature) == (0.3, 4.0)
     assert isinstance(loaded.distillation_loss, KDLoss)

@@ -161,7 +161,7 @@ def configure_npu(npu_device, config, paths):
             paths["profiling_dump_path"]
         )
     options.precision_mode = config.precision_mode
-    if config.use_mixlist and config.precision_mode == "allow_mix_precision":
+    if config.use_mixlist and device_precision.base_mode(config.precision_mode) == "allow_mix_precision":
         options.modify_mixlist = os.path.abspath(config.mixlist_file)
     if config.fusion_off_flag:
         options.fusion_switch_file = os.path.abspath(config.fusion_off_file)
@@ -250,7 +250,7 @@ class DeviceSession:
         if (
             self.on_npu
             or self.low_policy != "mixed_float16"
-            or self.config.precision_mode == "must_keep_origin_dtype"
+            or self.config.precision_mode in device_precision.FLOAT32_MODES
             or isinstance(optimizer, compat.LossScaleOptimizer)
         ):
             return optimizer
@@ -351,7 +351,7 @@ class DeviceSession:
 def _read_mixlist(config, on_npu):
     if not config.use_mixlist:
         return None
-    if config.precision_mode != "allow_mix_precision":
+    if device_precision.base_mode(config.precision_mode) != "allow_mix_precision":
         logger.warning(
             "--use_mixlist is ignored with --precision_mode=%s: mixlists apply only "
             "to allow_mix_precision (as on Ascend)",
@@ -409,9 +409,10 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
         )
 
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    low_policy = device_precision.low_precision_policy(has_gpu)
     mode = config.precision_mode
-    if not has_gpu and mode != "must_keep_origin_dtype" and not compat.cpu_runs_bfloat16():
+    low_policy = device_precision.mode_low_policy(mode, device_precision.low_precision_policy(has_gpu))
+    if (not has_gpu and mode not in device_precision.FLOAT32_MODES
+            and not compat.cpu_runs_bfloat16()):
         logger.warning(
             "--precision_mode=%s: %s cannot run bfloat16 convolutions on the CPU, so "
             "every layer computes in float32 here (on Ascend, CANN applies the mode)",
@@ -430,7 +431,7 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
         output_dir,
         low_policy=low_policy,
         mixlist=(mixlist or device_precision.MixList())
-        if mode == "allow_mix_precision"
+        if device_precision.base_mode(mode) == "allow_mix_precision"
         else None,
         fusion_plan=fusion_plan,
         paths=paths,
@@ -446,10 +447,14 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
 
 def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
     low = {"mixed_float16": "float16", "mixed_bfloat16": "bfloat16"}.get(low_policy, "float32")
-    if has_gpu:
+    if mode in device_precision.FLOAT32_MODES:
+        why = "no low precision in this mode"
+    elif low == "float16":
         why = "a GPU is present: float16 with dynamic loss scaling"
     elif low == "float32":
         why = "no GPU, and no bfloat16 CPU kernels in this TensorFlow"
+    elif mode in device_precision.BF16_MODES:
+        why = "the mode asks for bfloat16 (float32's range, no loss scaling)"
     else:
         why = "no GPU: CPUs compute low precision in bfloat16 (float32's range, no loss scaling)"
     meaning = {
@@ -459,6 +464,11 @@ def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
         "allow_mix_precision": f"white-list layers compute in {low}, black-list ones "
         "(Softmax by default) keep float32, the others follow their input",
         "force_fp16": f"every floating-point layer computes in {low}",
+        "force_fp32": "every floating-point layer computes in float32, even one built low",
+        "allow_fp32_to_bf16": f"matrix layers (Conv, Dense, Einsum) compute in {low}, "
+        "the others keep float32",
+        "allow_mix_precision_bf16": f"white-list layers compute in {low}, black-list ones "
+        "(Softmax by default) keep float32, the others follow their input",
     }[mode]
     logger.info(
         "precision_mode=%s: %s; variables stay float32; global policy %s (%s). "
@@ -468,7 +478,8 @@ def _log_precision_choice(mode, low_policy, has_gpu, global_policy):
         global_policy,
         why,
     )
-    if low == "bfloat16" and mode != "must_keep_origin_dtype" and cpu_info.has_bf16() is False:
+    if (low == "bfloat16" and mode not in device_precision.FLOAT32_MODES and not has_gpu
+            and cpu_info.has_bf16() is False):
         logger.warning(
             "this CPU has no bfloat16 instructions (avx512_bf16/amx_bf16): bfloat16 "
             "is emulated and may be slower than --precision_mode=must_keep_origin_dtype"

@@ -12,6 +12,11 @@ the TensorFlow op types it emits, and the Ascend rules are applied to that set:
   built-in lists; `--use_mixlist` edits the lists from an `ops_info.json`.
 - `force_fp16`: every floating-point layer goes low precision, even one a
   user pinned to float32.
+- `force_fp32`: every floating-point layer computes in float32, even one a
+  user built in low precision.
+- `allow_mix_precision_bf16`, `allow_fp32_to_bf16`: the rules of
+  `allow_mix_precision` and `allow_fp32_to_fp16`, with bfloat16 as the low
+  precision on every device (no loss scaling).
 
 "Low precision" is the Keras mixed policy: float32 variables, float16 compute
 on GPU (with dynamic loss scaling), bfloat16 on CPU (same range as float32,
@@ -249,9 +254,28 @@ def low_precision_policy(has_gpu):
     return "mixed_float16" if has_gpu else "mixed_bfloat16"
 
 
+# Modes that name their low dtype: their base mode's rules, in bfloat16.
+BF16_MODES = {
+    "allow_mix_precision_bf16": "allow_mix_precision",
+    "allow_fp32_to_bf16": "allow_fp32_to_fp16",
+}
+# Modes that keep every layer in float32 (or as built): no low precision.
+FLOAT32_MODES = ("must_keep_origin_dtype", "force_fp32")
+
+
+def base_mode(mode):
+    """The mode whose layer rules `mode` follows (itself for all but the bf16 modes)."""
+    return BF16_MODES.get(mode, mode)
+
+
+def mode_low_policy(mode, low_policy):
+    """The low-precision policy under `mode`: bfloat16 for the bf16 modes, else the machine's."""
+    return "mixed_bfloat16" if mode in BF16_MODES else low_policy
+
+
 def global_policy_for(mode, low_policy):
     """Global policy models are built under, before per-layer overrides."""
-    if mode in ("allow_mix_precision", "force_fp16"):
+    if base_mode(mode) in ("allow_mix_precision", "force_fp16"):
         return low_policy
     return "float32"
 
@@ -301,6 +325,7 @@ def plan_layer_policies(model, mode, low_policy, mixlist=None):
     """
     if mode == "must_keep_origin_dtype":
         return []
+    mode = base_mode(mode)
     mixlist = mixlist or MixList()
     plan = []
     decided = {}
@@ -311,6 +336,8 @@ def plan_layer_policies(model, mode, low_policy, mixlist=None):
         ops = layer_op_types(layer)
         if mode == "force_fp16":
             low, reason = True, "force_fp16"
+        elif mode == "force_fp32":
+            low, reason = False, "force_fp32"
         elif mode == "allow_fp32_to_fp16":
             matrix = sorted(ops & MATRIX_OPS)
             low = bool(matrix)
