@@ -257,6 +257,20 @@ def leaky_slope(layer):
     return float(value or 0.0)
 
 
+def stateful_random_layers(model):
+    """Names of `model`'s layers whose training-time randomness a replayed step cannot repeat.
+
+    Keras 3 layers draw from seed-generator variables, which a replay restores;
+    Keras 2.6's Dropout and noise layers use stateful random ops.
+    """
+    if KERAS3:
+        return []
+    kinds = layer_classes("Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+                          "GaussianNoise", "GaussianDropout", "AlphaDropout")
+    return [layer.name for layer in model._flatten_layers(include_self=False)
+            if isinstance(layer, kinds)]
+
+
 def inbound_layers(layer):
     """Layers feeding `layer` in a functional graph, or None when unknown."""
     nodes = getattr(layer, "_inbound_nodes", None)
@@ -324,6 +338,14 @@ def model_loss(model, x, y, y_pred, sample_weight=None):
     if KERAS3 or isinstance(model, LossModel):
         return model.compute_loss(x, y, y_pred, sample_weight, training=True)
     return model.compiled_loss(y, y_pred, sample_weight, regularization_losses=model.losses)
+
+
+def loss_scale_good_steps(optimizer):
+    """Finite steps since a `LossScaleOptimizer` last changed its scale, as float32;
+    -1 on Keras 3, whose scale has no floor that would need it."""
+    if KERAS3:
+        return tf.constant(-1.0)
+    return tf.cast(tf.identity(optimizer.dynamic_counter), tf.float32)
 
 
 def loss_scale_value(optimizer):

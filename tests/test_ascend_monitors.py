@@ -92,7 +92,7 @@ def test_data_dump_writes_every_layer_output_and_gradient_of_the_steps(tmp_path)
     assert all(np.all(np.isfinite(v.numpy())) for v in model.weights)
 
 
-@keras2_gap("the dump's replayed gradients differ from the applied ones")
+@keras2_gap("Dropout draws its mask from stateful random ops, which the replay cannot repeat")
 @pytest.mark.parametrize("mode", ["must_keep_origin_dtype", "allow_mix_precision"])
 def test_data_dump_gradients_are_the_ones_the_step_applied(tmp_path, mode):
     # With plain SGD the real update is -lr * gradient; the dumped gradient of
@@ -139,7 +139,21 @@ def test_data_dump_gradients_are_the_ones_the_step_applied(tmp_path, mode):
         np.testing.assert_allclose(np.load(root / e["file"]), applied, **tolerance)
 
 
-@keras2_gap("the dump's replayed gradients differ from the applied ones")
+@pytest.mark.skipif(compat.KERAS3, reason="Keras 3 replays dropout masks exactly (test above)")
+def test_keras2_data_dump_names_the_layers_whose_masks_it_cannot_replay(tmp_path, caplog):
+    session = setup_device(DeviceConfig(data_dump_flag=True, data_dump_step="0",
+                                        precision_mode="must_keep_origin_dtype"), str(tmp_path))
+    inputs = keras.Input((8, 8, 1))
+    x = layers.Dropout(0.5, name="drop")(layers.Flatten()(inputs))
+    model = compiled(session.prepare_model(keras.Model(inputs, layers.Dense(3)(x), name="mlp")),
+                     session, from_logits=True)
+    x, y = quadrant_data(16)
+    with caplog.at_level(logging.WARNING):
+        model.fit(dataset(x, y), callbacks=session.callbacks(), verbose=0)
+    assert "uses new masks for drop" in caplog.text
+    assert (tmp_path / "data_dump" / "mlp" / "index.json").is_file()  # the dump is still written
+
+
 @pytest.mark.parametrize("cached_teacher", [False, True])
 def test_data_dump_of_a_distiller_dumps_the_student(tmp_path, cached_teacher):
     session = setup_device(
@@ -160,7 +174,8 @@ def test_data_dump_of_a_distiller_dumps_the_student(tmp_path, cached_teacher):
     grads = [e for e in index["tensors"] if e["kind"] == "gradient"]
     assert len(grads) == len(student.trainable_weights) == 6
     outputs = {e["layer"]: e["dtype"] for e in index["tensors"] if e["kind"] == "output"}
-    assert outputs["conv"] == "bfloat16"  # dumped as computed
+    # dumped as computed (TensorFlow 2.6 has no bfloat16 CPU convolution: float32 there)
+    assert outputs["conv"] == ("bfloat16" if compat.cpu_runs_bfloat16() else "float32")
     assert all(np.isfinite(np.load(tmp_path / "data_dump" / "distiller" / e["file"])).all()
                for e in grads)
 
@@ -214,8 +229,6 @@ def test_overflow_from_an_exploding_input_stops_and_names_the_first_layer(tmp_pa
     assert [s["step"] for s in index["steps"]] == [2]
     assert np.isinf(np.load(tmp_path / "over_dump" / "tiny" / "step_2" / "conv.npy")).any()
 
-@keras2_gap("overflow detection of weights and loss scale")
-
 def test_overflow_from_an_exploding_learning_rate_stops_training(tmp_path):
     session = setup_device(
         DeviceConfig(precision_mode="must_keep_origin_dtype", over_dump=True), str(tmp_path)
@@ -227,11 +240,13 @@ def test_overflow_from_an_exploding_learning_rate_stops_training(tmp_path):
     with pytest.raises(NonFiniteError) as e:
         model.fit(dataset(x, y), epochs=1, callbacks=callbacks, verbose=0)
     report = _report(tmp_path)
-    # Step 0's update blows the Dense weights up to ~1e35; step 1's Dense
-    # output is inf (BatchNorm renormalises the conv's).
+    # Step 0's update blows the weights up to ~1e35. On Keras 3 step 1's Dense
+    # output is the first inf (BatchNorm renormalises the conv's); TensorFlow
+    # 2.6's fused BatchNorm overflows on the conv's ~1e35 outputs itself.
     assert e.value.step == report["step"] == 1
-    assert report["first_layer"] == "dense"
-    assert [t["kind"] for t in report["non_finite_tensors"][:2]] == ["output", "loss"]
+    assert report["first_layer"] == ("dense" if compat.KERAS3 else "bn")
+    kinds = [t["kind"] for t in report["non_finite_tensors"]]
+    assert kinds[:2] == ["output", "loss"] if compat.KERAS3 else (kinds[0] == "output" and "loss" in kinds)
     assert callbacks[0].overflow_steps == [1]
 
 
@@ -245,8 +260,6 @@ def test_overflow_made_by_the_update_alone_blames_the_learning_rate():
     [entry] = non_finite_tensors(tensors)
     assert entry["kind"] == "update" and entry["layer"] == "dense"
     assert "learning rate too large" in describe(entry)
-
-@keras2_gap("overflow detection of weights and loss scale")
 
 def test_overflow_under_dynamic_loss_scaling_skips_the_step_and_goes_on(tmp_path, caplog):
     session = setup_device(
@@ -262,13 +275,11 @@ def test_overflow_under_dynamic_loss_scaling_skips_the_step_and_goes_on(tmp_path
         model.fit(dataset(x, y), epochs=1, callbacks=callbacks, verbose=0)
     assert callbacks[0].overflow_steps == [2]
     assert "overflow at step 2 of tiny: dynamic loss scaling skipped the update" in caplog.text
-    assert float(optimizer.dynamic_scale.numpy()) == 2.0**14
+    assert float(compat.loss_scale_value(optimizer)) == 2.0**14
     report = _report(tmp_path)
     assert report["first_layer"] == "conv" and report["loss_scale"] == 2.0**15
     assert report["action"].startswith("step skipped")
     assert all(np.all(np.isfinite(v.numpy())) for v in model.trainable_weights)
-
-@keras2_gap("overflow detection of weights and loss scale")
 
 def test_overflow_that_loss_scaling_cannot_absorb_stops(tmp_path):
     session = setup_device(
@@ -278,7 +289,9 @@ def test_overflow_that_loss_scaling_cannot_absorb_stops(tmp_path):
     model = compiled(session.prepare_model(tiny_model()), session, optimizer=optimizer)
     x, y = quadrant_data(16 * 6)
     x[:] = 3e38
-    with pytest.raises(NonFiniteError, match="fell to 0.5 after 3 skipped steps"):
+    # Keras 3 halves the scale below 1; Keras 2.6 keeps it at 1, its floor.
+    expected = "fell to 0.5" if compat.KERAS3 else "stays at 1"
+    with pytest.raises(NonFiniteError, match=f"{expected} after 3 skipped steps"):
         model.fit(dataset(x, y), epochs=1, callbacks=session.callbacks(), verbose=0)
 
 

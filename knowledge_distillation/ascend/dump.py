@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
 from knowledge_distillation.util.files import atomic_write
 from knowledge_distillation.ascend.probe import inspected_model, safe_file_name
@@ -220,11 +221,17 @@ class DataDump(_ProbeCallback):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.probe.before_fit()
+        target = inspected_model(self.model)
         self.writer = TensorDumpWriter(
-            os.path.join(self.path, self.model.name),
-            self.model.name,
-            inspected_model(self.model).name,
+            os.path.join(self.path, self.model.name), self.model.name, target.name
         )
+        random_layers = compat.stateful_random_layers(target)
+        if random_layers:
+            logger.warning(
+                "--data_dump_flag on %s: %s draws its random masks from stateful ops, so "
+                "the dumped replay of a step uses new masks for %s: its outputs and "
+                "gradients there are not the ones the step applied",
+                target.name, compat.STACK, ", ".join(random_layers))
 
     def on_train_batch_begin(self, batch, logs=None):
         super().on_train_batch_begin(batch, logs)

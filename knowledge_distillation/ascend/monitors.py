@@ -73,11 +73,14 @@ class OverflowMonitor(_ProbeCallback):
         )
 
     def on_train_batch_end(self, batch, logs=None):
-        finite, scale_before, scale_after = self.probe.status()
+        finite, scale_before, scale_after, good_steps = self.probe.status()
         loss = _as_float((logs or {}).get("loss"))
         skipped = self.loss_scaling and scale_after < scale_before
         bad_loss = not self.loss_scaling and loss is not None and not math.isfinite(loss)
-        if finite and not skipped and not bad_loss:
+        # Keras 2.6's loss scale stops at 1: an overflow there skips the update
+        # and resets the scaler's good-step count, but leaves the scale as it is.
+        at_floor = self.loss_scaling and scale_after == scale_before and good_steps == 0
+        if finite and not skipped and not bad_loss and not at_floor:
             return
         self.overflow_steps.append(self.step)
         first = None
@@ -94,12 +97,13 @@ class OverflowMonitor(_ProbeCallback):
                 scale_after,
                 f"; first non-finite tensor: {first}; {where}" if first else "",
             )
-            if scale_after >= 1.0:
+            if skipped and scale_after >= 1.0:
                 return
             raise NonFiniteError(
                 f"overflow at step {self.step} of {self.model.name}: the loss scale "
-                f"fell to {scale_after:g} after {len(self.overflow_steps)} skipped "
-                f"steps, so loss scaling cannot absorb it; {where}",
+                f"{'fell to' if skipped else 'stays at'} {scale_after:g} after "
+                f"{len(self.overflow_steps)} skipped steps, so loss scaling cannot absorb it; "
+                f"{where}",
                 self.step,
                 self.report_path,
             )

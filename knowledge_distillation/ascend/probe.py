@@ -169,7 +169,7 @@ class StepProbe:
         if self.capture and self._flag is None:
             self._flag = tf.Variable(self.check_finite, trainable=False, name="capture")
             self._flag_value = self.check_finite
-            self._status = tf.Variable([1.0, 0.0, 0.0], trainable=False, name="status")
+            self._status = tf.Variable([1.0, 0.0, 0.0, -1.0], trainable=False, name="status")
 
     def uninstall(self):
         """Gives the model its own train step back (next fit retraces)."""
@@ -220,7 +220,7 @@ class StepProbe:
             scale_after = self._loss_scale()
             self._status.assign(
                 tf.stack(
-                    [tf.cast(finite, tf.float32), scale_before, scale_after]
+                    [tf.cast(finite, tf.float32), scale_before, scale_after, self._good_steps()]
                 )
             )
         return logs
@@ -230,6 +230,12 @@ class StepProbe:
         if isinstance(optimizer, compat.LossScaleOptimizer):
             return compat.loss_scale_value(optimizer)
         return tf.constant(0.0)
+
+    def _good_steps(self):
+        optimizer = self.model.optimizer
+        if isinstance(optimizer, compat.LossScaleOptimizer):
+            return compat.loss_scale_good_steps(optimizer)
+        return tf.constant(-1.0)
 
     def _capture(self, data):
         leaves = [t for t in tf.nest.flatten(data) if t is not None]
@@ -272,9 +278,14 @@ class StepProbe:
             self._flag_value = value
 
     def status(self):
-        """`(weights_finite, loss_scale_before, loss_scale_after)` of the last step."""
-        finite, before, after = self._status.numpy().tolist()
-        return finite > 0.5, before, after
+        """`(weights_finite, loss_scale_before, loss_scale_after, good_steps_after)` of the last step.
+
+        `good_steps_after` is the loss scaler's count of finite steps since it
+        last changed the scale (0 right after an overflow), or -1 where Keras
+        does not keep one.
+        """
+        finite, before, after, good = self._status.numpy().tolist()
+        return finite > 0.5, before, after, good
 
     def recompute(self):
         """Replays the last captured step; see the module docstring.

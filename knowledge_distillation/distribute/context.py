@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 
+from knowledge_distillation import compat
 from knowledge_distillation.distribute import keras_patch
 from knowledge_distillation.distribute.callbacks import (
     AgreeOnRestoredEpoch,
@@ -162,6 +163,9 @@ class DistributedContext:
         optimizer = model.optimizer
         if getattr(optimizer, "_kd_npu_all_reduce", False):
             return model
+        # Slots first, so the step traces once around the wrapper (Keras 2.6
+        # would otherwise trace it again after creating them).
+        compat.build_optimizer(optimizer, model.trainable_variables)
         apply_gradients = optimizer.apply_gradients
         all_reduce = self.npu_distribute.all_reduce
 

@@ -20,4 +20,5 @@ def all_reduce(values, reduction="mean", fusion=1, fusion_id=-1, group="hccl_wor
 
 def broadcast(values, root_rank=0, fusion=2, fusion_id=0, group="hccl_world_group"):
     values = values if isinstance(values, (list, tuple)) else [values]
-    calls.append(("broadcast", tuple(v.path for v in values), root_rank, group))
+    names = tuple(getattr(v, "path", None) or v.name.split(":")[0] for v in values)
+    calls.append(("broadcast", names, root_rank, group))
