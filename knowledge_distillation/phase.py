@@ -1,12 +1,14 @@
 """One training phase of a run (teacher, scratch, distilled): its files, callbacks and checks."""
 
+import glob
 import json
 import os
 
+import numpy as np
+import tensorflow as tf
+
 from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
-import numpy as np
-
 from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
 
 
@@ -41,7 +43,11 @@ class Phase:
 
 
 def check_backup(phase):
-    """A resume state that cannot be read is an error naming the file, before `fit` reads it."""
+    """A resume state that cannot be read is an error naming the file, before `fit` reads it.
+
+    Keras 3 backs up `.weights.h5` and `.json` files; Keras 2.6 a TensorFlow
+    checkpoint (`checkpoint`, `*.index`, `*.data-*`), read back in full here.
+    """
     if not os.path.isdir(phase.backup_dir):
         return
     import h5py
@@ -55,11 +61,27 @@ def check_backup(phase):
                 elif name.endswith(".json"):
                     with open(path, encoding="utf-8") as f:
                         json.load(f)
-            except (OSError, ValueError) as e:
+                elif name.endswith(".index"):
+                    path = _check_tf_checkpoint(os.path.join(root, name[: -len(".index")]))
+            except (OSError, ValueError, tf.errors.OpError) as e:
+                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ValueError(
-                    f"{path}: the {phase.name} phase's resume state cannot be read ({e}); "
+                    f"{path}: the {phase.name} phase's resume state cannot be read ({reason}); "
                     f"delete {phase.backup_dir} to restart that phase from its first epoch"
                 ) from None
+
+
+def _check_tf_checkpoint(prefix):
+    """Reads every tensor of the checkpoint `prefix`; returns the file to blame if one fails."""
+    reader = tf.train.load_checkpoint(prefix)
+    for key in reader.get_variable_to_shape_map():
+        try:
+            reader.get_tensor(key)
+        except (tf.errors.OpError, IndexError) as e:  # TF 2.6: "Read less bytes than requested"
+            data = sorted(glob.glob(prefix + ".data-*"))
+            message = str(getattr(e, "message", e)).strip().splitlines()[0]
+            raise ValueError(f"{data[0] if data else prefix}: {message}") from None
+    return prefix + ".index"
 
 
 def check_finite_weights(model, phase):
