@@ -45,7 +45,9 @@ if [ "$STACK" != current ]; then
     echo "setup.sh: --stack $STACK needs Python 3.9 (python3.9 on PATH, or pyenv's 3.9.18)" >&2
     exit 1
   fi
-  if [ ! -x .venv-tf265/bin/python ]; then
+  # A venv left half-made (no pip, another Python) is made again.
+  if ! .venv-tf265/bin/python -c 'import sys, pip; assert sys.version_info[:2] == (3, 9)' 2>/dev/null; then
+    rm -rf .venv-tf265
     $PY39 -m venv .venv-tf265
   fi
   .venv-tf265/bin/python -m pip install -q --upgrade "pip<24" "setuptools<70" wheel

@@ -42,16 +42,19 @@ def main(argv=None):
     setup_logging(log_dir, "train.log")
 
     logger.info("config: %s", json.dumps(dataclasses.asdict(config), sort_keys=True))
+    multi_worker = distribute.plan_cluster(config.distribute).kind == distribute.MULTI_WORKER
     try:
         summary = train.run(config)
     except (ValueError, OSError, RuntimeError) as e:
         logger.error("%s", e)
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        if multi_worker:
+            compat.end_multi_worker_process(1)
         return 1
     print(train.format_summary(summary))
     print(f"summary written to {os.path.join(config.output_dir, train.SUMMARY_FILE)}")
-    if summary.get("distribute", {}).get("engine") == "multi_worker":
-        compat.end_multi_worker_process()
+    if multi_worker:
+        compat.end_multi_worker_process(0)
     return 0
 
 

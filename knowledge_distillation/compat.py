@@ -3,7 +3,7 @@
 | stack   | Python  | TensorFlow | Keras                | where                        |
 |---------|---------|------------|----------------------|------------------------------|
 | Ascend  | 3.7-3.9 | 2.6.5      | 2.6 (`tf.keras`)     | hosts with CANN + npu_device |
-| current | 3.10+   | 2.16+      | 3.x                  | GPU/CPU hosts                |
+| current | 3.10+   | 2.16+      | 3.12-3.15 (tested 3.15) | GPU/CPU hosts             |
 
 `npu_device` exists only for TensorFlow 2.6.5, so the trainer must run on
 Keras 2.6 as well as on Keras 3. Every module of the trainer imports `keras`
@@ -37,6 +37,10 @@ def _import_keras():
 
 keras, KERAS3 = _import_keras()
 KERAS_VERSION = keras.__version__ if KERAS3 else tf.keras.__version__
+if not KERAS3 and not KERAS_VERSION.startswith("2.6."):
+    raise ImportError(
+        f"knowledge_distillation runs on Keras 2.6 (TensorFlow 2.6.5, the npu_device stack) "
+        f"or Keras 3; this is TensorFlow {tf.__version__} with Keras {KERAS_VERSION}")
 STACK = (
     f"TensorFlow {tf.__version__} + Keras {KERAS_VERSION}"
     + ("" if KERAS3 else " (tf.keras)")
@@ -124,17 +128,19 @@ else:
         return Float32SparseCategoricalCrossentropy(from_logits=True)
 
 
-def per_example_loss(loss_fn, y_true, y_pred):
-    """`loss_fn`'s values before any reduction.
+def loss_object_mean(loss_fn, y_true, y_pred):
+    """The plain mean over this replica's batch of a `keras.losses.Loss` with a mean reduction.
 
-    A `keras.losses.Loss` object is called through `.call`: Keras 3 divides a
-    reduced mean by the replica count under tf.distribute, and Keras 2.6
-    refuses the "auto" reduction there; the unreduced values mean the same on
-    both. Plain loss functions already return per-example values.
+    Keras 3's `Loss.__call__` (masks, dtype conversion) divides that mean by
+    the replica count under tf.distribute, which is undone here. Keras 2.6
+    refuses the "auto" reduction inside a strategy, so its unreduced values
+    (`.call`) are averaged; Keras 2.6 losses carry no masks.
     """
-    if isinstance(loss_fn, keras.losses.Loss):
-        return loss_fn.call(tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred))
-    return loss_fn(y_true, y_pred)
+    if KERAS3:
+        value = tf.reduce_mean(loss_fn(y_true, y_pred))
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return value * float(replicas) if replicas > 1 else value
+    return tf.reduce_mean(loss_fn.call(tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)))
 
 
 # -- models and their files --------------------------------------------------
@@ -155,7 +161,10 @@ def load_model_file(path):
     if KERAS3:
         if path.endswith(".keras"):
             return keras.saving.load_model(path, compile=False, safe_mode=True)
-        return keras.saving.load_model(path, compile=False)
+        # Keras 2 writes a mixed layer's dtype as a "Policy" object, which
+        # Keras 3 knows as DTypePolicy.
+        return keras.saving.load_model(
+            path, compile=False, custom_objects={"Policy": keras.DTypePolicy})
     return keras.models.load_model(path, compile=False)
 
 
@@ -211,6 +220,8 @@ def set_dtype_policy(layer, policy):
         return
     from keras.mixed_precision import autocast_variable
 
+    if isinstance(layer, _float32_variable_layers()):
+        return  # Keras 2.6 reads these layers' variables in float32 even under a mixed policy
     for attr in ("_trainable_weights", "_non_trainable_weights"):
         wrapped = [
             v if isinstance(v, autocast_variable.AutoCastVariable) or not v.dtype.is_floating
@@ -257,6 +268,11 @@ def leaky_slope(layer):
     return float(value or 0.0)
 
 
+def _float32_variable_layers():
+    # Keras 2.6 creates their weights with experimental_autocast=False.
+    return layer_classes("BatchNormalization", "LayerNormalization", "Embedding")
+
+
 def stateful_random_layers(model):
     """Names of `model`'s layers whose training-time randomness a replayed step cannot repeat.
 
@@ -278,7 +294,25 @@ def inbound_layers(layer):
         return None
     if KERAS3:
         return [parent.operation for parent in nodes[0].parent_nodes]
-    return list(tf.nest.flatten(nodes[0].inbound_layers))
+    return [parent.layer for parent in nodes[0].parent_nodes]
+
+
+def restored_epoch(model):
+    """The epoch (from 0) a fit resumes at, once BackupAndRestore's `on_train_begin` ran."""
+    if KERAS3:
+        return int(getattr(model, "_initial_epoch", None) or 0)
+    state = getattr(model, "_training_state", None)
+    saved = int(state._ckpt_saved_epoch.numpy()) if state is not None else -1
+    return saved + 1 if saved >= 0 else 0
+
+
+def save_model(model, path):
+    """`model.save(path)`; Keras 2.6 HDF5 without the compile state, so that any
+    Keras, this package imported or not, loads the file."""
+    if KERAS3:
+        model.save(path)
+    else:
+        model.save(path, include_optimizer=False)
 
 
 def build_optimizer(optimizer, variables):
@@ -343,7 +377,7 @@ def model_loss(model, x, y, y_pred, sample_weight=None):
 def loss_scale_good_steps(optimizer):
     """Finite steps since a `LossScaleOptimizer` last changed its scale, as float32;
     -1 on Keras 3, whose scale has no floor that would need it."""
-    if KERAS3:
+    if KERAS3 or not optimizer.dynamic:
         return tf.constant(-1.0)
     return tf.cast(tf.identity(optimizer.dynamic_counter), tf.float32)
 
@@ -376,7 +410,8 @@ else:
 
         def _step_logs(self, y, y_pred, sample_weight, loss):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            self.loss_tracker.update_state(loss * float(replicas))
+            batch = tf.shape(tf.nest.flatten(y_pred)[0])[0]
+            self.loss_tracker.update_state(loss * float(replicas), sample_weight=batch)
             if y is not None:
                 self.compiled_metrics.update_state(y, y_pred, sample_weight)
             return {m.name: m.result() for m in self.metrics}

@@ -41,7 +41,9 @@ NOT_DECIDING = frozenset({
 })
 # What a run writes; `--overwrite` removes exactly these.
 # (train.log stays: the new run's log is already open and appends to it.)
-RUN_OUTPUTS = tuple(f"{phase}{compat.MODEL_EXT}" for phase in ("teacher", "scratch", "distilled")) + (
+# Both stacks' model files, so that --overwrite clears a folder either one wrote.
+RUN_OUTPUTS = tuple(f"{phase}{ext}" for phase in ("teacher", "scratch", "distilled")
+                    for ext in (".keras", ".h5")) + (
     "summary.json", RUN_FILE, "checkpoints", "backup", "logs", "teacher_cache", "quant")
 
 
@@ -91,6 +93,8 @@ def deciding_settings(config):
     for key in ("teacher_model", "student_model", "device.mixlist_file"):
         if settings.get(key):
             settings[f"{key}:content"] = _file_digest(settings[key])
+    # The stack decides the model files' format and the numerics.
+    settings["stack"] = compat.STACK
     return settings
 
 

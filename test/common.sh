@@ -98,6 +98,8 @@ kd_launch() {
     [ $# -gt 0 ] && shift  # the "--"
     KD_SCRIPT="$run_name.sh"
     KD_PYTHON="${PYTHON:-python3}"
+    # A relative path is taken from where the script started (it runs from the repo root).
+    case "$KD_PYTHON" in */*) KD_PYTHON="$(cd "$(dirname "$KD_PYTHON")" && pwd)/$(basename "$KD_PYTHON")" ;; esac
 
     local data_path="" user_flags=() arg name value
     for arg in "$@"; do

@@ -205,3 +205,32 @@ def test_modelzoo_shim_and_eval_static_alias_parse():
     assert config.batch_size == 32 and config.log_steps == 100
     assert config.device.precision_mode == "allow_mix_precision"
     assert config.device.data_dump_step == "10"
+
+
+def test_a_model_file_that_is_not_what_its_name_says_is_one_error_naming_it(tmp_path):
+    fake = tmp_path / f"teacher{compat.MODEL_EXT}"
+    fake.write_bytes(b"not a model at all")
+    result = _run(SMALL + ["--epoch=1", f"--output_dir={tmp_path / 'out'}",
+                           f"--teacher_model={fake}"], timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"--teacher_model: {fake} is not" in errors[0], result.stderr[-2000:]
+
+
+@pytest.mark.skipif(compat.KERAS3, reason="Keras 3 runs the quantizer and reads .keras files")
+def test_keras2_refuses_what_needs_keras3_with_one_line(tmp_path):
+    keras3_file = tmp_path / "teacher.keras"
+    keras3_file.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip archive
+    for args, expected in (
+            (["--quantize"], "--quantize needs Keras 3"),
+            ([f"--teacher_model={keras3_file}"], "is a Keras 3 .keras file")):
+        result = _run(SMALL + ["--epoch=1", f"--output_dir={tmp_path / 'out'}"] + args,
+                      timeout=120)
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert result.returncode != 0 and len(errors) == 1, result.stderr[-2000:]
+        assert expected in errors[0]
+    quant = subprocess.run([sys.executable, "-m", "knowledge_distillation.quant", "--help"],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert quant.returncode != 0
+    assert "knowledge_distillation.quant needs Keras 3" in quant.stderr
+    assert "Traceback" not in quant.stderr

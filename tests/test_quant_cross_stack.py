@@ -62,3 +62,32 @@ def test_keras3_reads_and_quantizes_the_teacher_the_keras2_trainer_wrote(
                  "result/mlp_teacher_fake_quant_model.onnx", "result/mlp_teacher_deploy_model.onnx"):
         assert (quant / path).is_file(), path
 
+
+
+MIXED_MODEL = """
+import sys
+import numpy as np
+import tensorflow as tf
+keras = tf.keras
+keras.mixed_precision.set_global_policy("mixed_float16")
+tf.random.set_seed(0)
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                          keras.layers.BatchNormalization(), keras.layers.Dense(3, dtype="float32")])
+model.save(sys.argv[1], include_optimizer=False)
+x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6)
+np.save(sys.argv[2], model(x, training=False).numpy())
+"""
+
+
+def test_keras3_loads_a_mixed_precision_h5_from_keras2(tmp_path):
+    # The file a Keras 2.6 GPU host writes: its layers' dtypes are "Policy" objects.
+    path, outputs = tmp_path / "mixed.h5", tmp_path / "outputs.npy"
+    result = subprocess.run([TF265_PYTHON, "-c", MIXED_MODEL, str(path), str(outputs)],
+                            cwd=str(tmp_path), capture_output=True, text=True, timeout=200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = models.load_model(str(path), "--teacher_model")
+    assert [layer.dtype_policy.name for layer in model.layers] == [
+        "mixed_float16", "mixed_float16", "float32"]
+    x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 6)
+    np.testing.assert_allclose(compat.to_numpy(model(x, training=False)), np.load(outputs),
+                               rtol=1e-3, atol=1e-3)

@@ -26,6 +26,17 @@ def test_settings_that_decide_the_models_are_recorded_and_others_are_not():
         assert rundir.deciding_settings(TrainConfig(**change)) != base, change
 
 
+def test_a_folder_the_other_stack_wrote_is_refused_naming_the_stack(tmp_path, monkeypatch):
+    run = _folder(tmp_path, epoch=1)
+    run.claim()
+    run.release()
+    (tmp_path / f"teacher{compat.MODEL_EXT}").write_bytes(b"a model")
+    monkeypatch.setattr(compat, "STACK", "TensorFlow 2.6.5 + Keras 2.6.0 (tf.keras)"
+                        if compat.KERAS3 else "TensorFlow 2.21.0 + Keras 3.15.1")
+    with pytest.raises(ValueError, match=r"holds a run with other settings: stack: "):
+        _folder(tmp_path, epoch=1).claim()
+
+
 def test_a_user_model_file_counts_by_content(tmp_path):
     model = tmp_path / f"t{compat.MODEL_EXT}"
     model.write_bytes(b"one")

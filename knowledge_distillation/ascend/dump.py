@@ -226,6 +226,8 @@ class DataDump(_ProbeCallback):
             os.path.join(self.path, self.model.name), self.model.name, target.name
         )
         random_layers = compat.stateful_random_layers(target)
+        # In index.json: the layers whose replayed masks differ from the step's.
+        self.writer.header["masks_not_replayed"] = random_layers
         if random_layers:
             logger.warning(
                 "--data_dump_flag on %s: %s draws its random masks from stateful ops, so "

@@ -3,6 +3,7 @@
 import logging
 
 
+from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
 from knowledge_distillation.util.digest import weights_digest
 
@@ -46,8 +47,7 @@ class AgreeOnRestoredEpoch(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         import tensorflow as tf
 
-        # Keras' BackupAndRestore hands the restored epoch to fit this way.
-        epoch = int(getattr(self.model, "_initial_epoch", None) or 0)
+        epoch = compat.restored_epoch(self.model)  # BackupAndRestore ran first
         values = self.strategy.experimental_distribute_values_from_function(
             lambda _: tf.constant([epoch], tf.int64)
         )

@@ -148,9 +148,9 @@ def replica_mean(loss_fn, y_true, y_pred):
     Under tf.distribute a Keras 3 `keras.losses.Loss` with a mean reduction
     returns its mean divided by `num_replicas_in_sync` (so that compiled
     losses sum to the global mean), and Keras 2.6 refuses its "auto"
-    reduction there. Such a loss is taken unreduced and averaged here
-    (`compat.per_example_loss`), so every term of the Distiller's loss is a
-    plain mean on both stacks and is scaled once, in `Distiller.compute_loss`.
+    reduction there. `compat.loss_object_mean` gives the plain mean on both,
+    so every term of the Distiller's loss is scaled once, in
+    `Distiller.compute_loss`.
 
     Args:
         loss_fn: a Keras loss object or a callable returning per-example values.
@@ -161,7 +161,7 @@ def replica_mean(loss_fn, y_true, y_pred):
         Scalar tensor.
     """
     if isinstance(loss_fn, keras.losses.Loss) and loss_fn.reduction in compat.MEAN_REDUCTIONS:
-        return tf.reduce_mean(compat.per_example_loss(loss_fn, y_true, y_pred))
+        return compat.loss_object_mean(loss_fn, y_true, y_pred)
     return tf.reduce_mean(loss_fn(y_true, y_pred))
 
 

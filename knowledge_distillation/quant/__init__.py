@@ -19,13 +19,21 @@ Keras 3 only: on the Keras 2.6 (Ascend) stack, importing it is one clear
 error. Quantize on a Keras 3 host; it loads the `.h5` models that stack writes.
 """
 
+import os
+import sys
+
 from knowledge_distillation import compat
 
 if not compat.KERAS3:
-    raise ImportError(
-        f"knowledge_distillation.quant needs Keras 3 (TensorFlow 2.16+ on Python 3.10+); "
-        f"this is {compat.STACK}. Quantize on a Keras 3 host: it loads the .h5 models "
-        "this stack writes")
+    _WHY = (f"knowledge_distillation.quant needs Keras 3 (TensorFlow 2.16+ on Python 3.10+); "
+            f"this is {compat.STACK}. Quantize on a Keras 3 host: it loads the .h5 models "
+            "this stack writes")
+    # `python -m knowledge_distillation.quant` (argv[0] is "-m" while Python
+    # imports the package) and the kd-quantize script: one line, exit 2.
+    if os.path.basename(sys.argv[0]) in ("-m", "kd-quantize"):
+        print(f"python -m knowledge_distillation.quant: error: {_WHY}", file=sys.stderr)
+        raise SystemExit(2)
+    raise ImportError(_WHY)
 
 from knowledge_distillation.quant.quantize import (
     compare_logits,

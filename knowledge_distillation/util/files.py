@@ -55,9 +55,11 @@ def write_json_atomic(path, payload):
 
 
 def save_model_atomic(model, path):
-    """`model.save(path)` through a temporary file and a rename."""
+    """`compat.save_model(model, path)` through a temporary file and a rename."""
+    from knowledge_distillation import compat
+
     with atomic_path(path) as tmp:
-        model.save(tmp)
+        compat.save_model(model, tmp)
 
 
 def save_weights_atomic(model, path):
