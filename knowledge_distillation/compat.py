@@ -172,6 +172,13 @@ def is_compiled(model):
     return bool(getattr(model, "compiled", getattr(model, "_is_compiled", False)))
 
 
+# Keras 2.6's BackupAndRestore restores every worker from the chief's
+# checkpoint (`backup_dir/chief`; other workers' saves go to a temporary
+# folder), so all workers must be given the chief's backup_dir. Keras 3's
+# restores each worker from its own.
+WORKERS_SHARE_BACKUP = not KERAS3
+
+
 def backup_and_restore(backup_dir):
     """The epoch-level resume callback of this Keras."""
     if KERAS3:

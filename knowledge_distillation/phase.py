@@ -15,12 +15,14 @@ from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
 class Phase:
     """Paths and callbacks of one training phase (teacher, scratch, distilled)."""
 
-    def __init__(self, config, name):
+    def __init__(self, config, name, backup_root=None):
         self.config = config
         self.name = name
         out = config.output_dir
         self.model_path = os.path.join(out, f"{name}{compat.MODEL_EXT}")
-        self.backup_dir = os.path.join(out, "backup", name)
+        # backup_root: where this process's BackupAndRestore backs up (the
+        # distributed context's `backup_root`); defaults to the output folder.
+        self.backup_dir = os.path.join(backup_root or out, "backup", name)
         self.checkpoint_dir = os.path.join(out, "checkpoints", name)
         self.csv_path = os.path.join(out, "logs", f"{name}.csv")
         self.tensorboard_dir = os.path.join(out, "logs", "tensorboard", name)

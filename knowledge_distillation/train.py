@@ -195,6 +195,9 @@ class Trainer:
             "train_loss": metrics.get("loss"),
         }
 
+    def _phase(self, name):
+        return Phase(self.config, name, self.dist.backup_root(self.config.output_dir))
+
     def _resume_or_none(self, phase):
         if not phase.finished:
             return None
@@ -207,7 +210,7 @@ class Trainer:
         if cfg.teacher_model:
             logger.info("teacher: loading %s (evaluated, not retrained)", cfg.teacher_model)
             return self._build(None, cfg.teacher_model, "--teacher_model"), {"trained": False}
-        phase = Phase(cfg, "teacher")
+        phase = self._phase("teacher")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"trained": True, "resumed": True}
@@ -226,7 +229,7 @@ class Trainer:
 
     def scratch(self):
         cfg = self.config
-        phase = Phase(cfg, "scratch")
+        phase = self._phase("scratch")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"resumed": True}
@@ -238,7 +241,7 @@ class Trainer:
 
     def distill(self, teacher):
         cfg = self.config
-        phase = Phase(cfg, "distilled")
+        phase = self._phase("distilled")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"resumed": True}
@@ -350,7 +353,7 @@ class Trainer:
         cfg = self.config
         phases = ([] if cfg.teacher_model else ["teacher"]) + ["scratch", "distilled"]
         path = os.path.join(cfg.output_dir, SUMMARY_FILE)
-        if not os.path.isfile(path) or not all(Phase(cfg, p).finished for p in phases):
+        if not os.path.isfile(path) or not all(self._phase(p).finished for p in phases):
             return None
         try:
             with open(path, encoding="utf-8") as f:

@@ -71,6 +71,16 @@ class DistributedContext:
             return stack
         return contextlib.nullcontext()
 
+    def backup_root(self, write_dir):
+        """The folder this process's BackupAndRestore backs up under.
+
+        Its own write folder, except on Keras 2.6, where every worker restores
+        from the chief's checkpoint and so is given the chief's folder.
+        """
+        if compat.WORKERS_SHARE_BACKUP and self._output_dir is not None:
+            return self._output_dir
+        return write_dir
+
     def write_dir(self, output_dir):
         """This process's output folder (see `write_dir`); remembered for `finish`."""
         self._output_dir = output_dir
