@@ -24,6 +24,11 @@ def setup_logging(output_dir=None, filename=None):
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     root.setLevel(logging.INFO)
+    # TensorFlow 2.6 gives its logger a stderr handler of its own, which
+    # printed each of its records a second time.
+    tf_logger = logging.getLogger("tensorflow")
+    for handler in list(tf_logger.handlers):
+        tf_logger.removeHandler(handler)
 
 
 # What TensorFlow's native libraries print to stderr while they load, before
@@ -43,18 +48,29 @@ _START_UP_NOISE = (
 )
 
 
-class _NotRetracing(logging.Filter):
-    """Drops TensorFlow's "triggered tf.function retracing" warning.
+class _FalseWarnings(logging.Filter):
+    """Drops two false TensorFlow warnings.
 
-    Keras builds a new `tf.function` for every model's fit, evaluate and
-    predict; each is traced once, but TensorFlow counts the first traces of
-    all functions built from Keras' one closure together, and after five it
-    warns of retracing that is not happening. A real retrace (a shape that
+    "triggered tf.function retracing": Keras builds a new `tf.function` for
+    every model's fit, evaluate and predict; each is traced once, but
+    TensorFlow counts the first traces of all functions built from Keras' one
+    closure together, and after five it warns of retracing that is not
+    happening (seen: "5 out of the last 5 calls to <function
+    TensorFlowTrainer._make_function.<locals>.multi_step_on_iterator at
+    0x...>", a different address each time). A real retrace (a shape that
     changes between steps) is what `--static` checks.
+
+    "Compiled the loaded model, but the compiled metrics have yet to be
+    built": Keras 2.6 says so when it saves a model that was never compiled
+    itself, as the distilled student is (it trains inside the Distiller).
     """
 
+    FALSE = ("triggered tf.function retracing",
+             "Compiled the loaded model, but the compiled metrics have yet to be built")
+
     def filter(self, record):
-        return "triggered tf.function retracing" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.FALSE)
 
 
 def quiet_tensorflow_start():
@@ -88,5 +104,5 @@ def quiet_tensorflow_start():
     # The pipelines are shuffled (seeded) by data.make_dataset; Keras warns
     # that fit's own shuffle flag does not apply to a tf.data.Dataset.
     warnings.filterwarnings("ignore", message="`shuffle=True` was passed", category=UserWarning)
-    tf.get_logger().addFilter(_NotRetracing())
-    logging.getLogger("tensorflow").addFilter(_NotRetracing())
+    tf.get_logger().addFilter(_FalseWarnings())
+    logging.getLogger("tensorflow").addFilter(_FalseWarnings())
