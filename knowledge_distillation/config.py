@@ -20,6 +20,10 @@ PRECISION_MODES = (
 )
 
 DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"
+# Resize methods (tf.image.resize) and pixel scalings (data.preprocess).
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
+PREPROCESSINGS = ("unit", "symmetric", "caffe", "torch", "none")
+CACHE_IMAGES = ("none", "memory", "disk")
 # Training steps per compiled call on GPU/CPU when nothing inspects every
 # step: at batch 32 a small student's step is mostly per-call overhead
 # (measured: the seed student's epoch 0.44x, the 2x800 MLP's 0.80-0.91x).
@@ -146,6 +150,20 @@ class TrainConfig:
             `steps_per_execution`); None picks it per device (see
             `DeviceSession.steps_per_execution`).
         quantize: quantize the distilled student at the end of the run.
+        labels_file: training label list of a flat image folder
+            (`<file name> <class index>` lines).
+        test_labels_file: its test label list.
+        image_size: `(H, W)` every image is resized to; None keeps the
+            stored size (one size for all, or taken from a user model).
+        teacher_image_size: `(H, W)` of the teacher's copy of each image;
+            None: the student's.
+        channels: 1 or 3 to convert colour modes; None keeps the data's.
+        interpolation: the resize method (`INTERPOLATIONS`).
+        preprocessing: the pixel scaling (`PREPROCESSINGS`, see
+            `data.preprocess`).
+        cache_images: keep decoded images of image folders: "none" (stream
+            from the files), "memory" or "disk" (a file under output_dir).
+        alpha_width: width multiplier of the keras.applications MobileNets.
         overwrite: start over in an `output_dir` that holds a run with other
             settings (see `rundir.py`), instead of ending with an error.
         device: the ModelZoo device flags.
@@ -173,6 +191,15 @@ class TrainConfig:
     cache_teacher: bool = True
     steps_per_execution: Optional[int] = None
     quantize: bool = False
+    labels_file: Optional[str] = None
+    test_labels_file: Optional[str] = None
+    image_size: Optional[tuple] = None
+    teacher_image_size: Optional[tuple] = None
+    channels: Optional[int] = None
+    interpolation: str = "bilinear"
+    preprocessing: str = "unit"
+    cache_images: str = "none"
+    alpha_width: float = 1.0
     overwrite: bool = False
     device: DeviceConfig = dataclasses.field(default_factory=DeviceConfig)
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
@@ -202,10 +229,47 @@ class TrainConfig:
             raise ValueError(
                 f"--learning_rate must be positive, got {self.learning_rate}"
             )
+        for name in ("image_size", "teacher_image_size"):
+            object.__setattr__(self, name, parse_size(getattr(self, name), name))
+        check_image_options(self.channels, self.interpolation, self.preprocessing)
+        if self.cache_images not in CACHE_IMAGES:
+            raise ValueError(f"--cache_images must be one of {', '.join(CACHE_IMAGES)}, "
+                             f"got {self.cache_images!r}")
+        if not (math.isfinite(self.alpha_width) and self.alpha_width > 0):
+            raise ValueError(f"--alpha_width must be a positive number, got {self.alpha_width}")
 
     @property
     def teacher_epochs(self):
         return self.epoch if self.teacher_epoch is None else self.teacher_epoch
+
+
+def parse_size(value, name):
+    """`(H, W)` from None, "H,W", "S" (square), or a sequence of one or two sizes."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        sizes = tuple(int(str(part).strip()) for part in parts)
+    except ValueError:
+        sizes = ()
+    if len(sizes) == 1:
+        sizes = sizes * 2
+    if len(sizes) != 2 or min(sizes) <= 0:
+        shown = ",".join(str(part) for part in parts)
+        raise ValueError(f"--{name} must be H,W (two positive sizes, e.g. 224,224) or one size "
+                         f"for a square, got {shown!r}")
+    return sizes
+
+
+def check_image_options(channels, interpolation, preprocessing):
+    if channels not in (None, 1, 3):
+        raise ValueError(f"--channels must be 1 or 3, got {channels}")
+    if interpolation is not None and interpolation not in INTERPOLATIONS:
+        raise ValueError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {interpolation!r}")
+    if preprocessing is not None and preprocessing not in PREPROCESSINGS:
+        raise ValueError(f"--preprocessing must be one of {', '.join(PREPROCESSINGS)}, "
+                         f"got {preprocessing!r}")
 
 
 def _check_positive(name, value):

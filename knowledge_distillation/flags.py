@@ -14,7 +14,10 @@ import sys
 from absl import flags
 
 from knowledge_distillation.config import (
+    CACHE_IMAGES,
     DEFAULT_DATA_PATH,
+    INTERPOLATIONS,
+    PREPROCESSINGS,
     DEFAULT_STEPS_PER_EXECUTION,
     PRECISION_MODES,
     DeviceConfig,
@@ -60,12 +63,45 @@ def define_distribute_flags(fv):
     flags.DEFINE_string("dist_url", None, "AMCT's tcp://host:port: the chief's address.", flag_values=fv)
 
 
+def define_image_flags(fv, trainer=True):
+    """Defines the flags of how images are read and scaled (trainer and quantizer)."""
+    flags.DEFINE_string(
+        "labels_file", None,
+        "Label list of a flat image folder: '<file name> <class index>' per line"
+        + (" (training images)." if trainer else "."), flag_values=fv)
+    flags.DEFINE_enum(
+        "interpolation", "bilinear" if trainer else None, list(INTERPOLATIONS),
+        "Resize method" + ("." if trainer else " (default: the model file's, else bilinear)."),
+        flag_values=fv)
+    flags.DEFINE_enum(
+        "preprocessing", "unit" if trainer else None, list(PREPROCESSINGS),
+        "Pixel scaling: unit [0,1], symmetric [-1,1], caffe (BGR minus ImageNet mean), torch "
+        "(ImageNet mean/std), none (0-255)"
+        + ("." if trainer else "; default: the model file's, else unit."), flag_values=fv)
+
+
 def define_trainer_flags(fv):
     """Defines every trainer flag on the FlagValues `fv`."""
     flags.DEFINE_string(
         "data_path", DEFAULT_DATA_PATH,
-        "Folder with mnist.npz or the four MNIST IDX files (or the tfds data_dir).",
+        "Folder with mnist.npz or the four MNIST IDX files, train/ and test/ class folders, "
+        "a flat image folder (with --labels_file), or the tfds data_dir.",
         flag_values=fv)
+    define_image_flags(fv)
+    flags.DEFINE_string("test_labels_file", None, "Label list of the test images (flat folder).",
+                        flag_values=fv)
+    flags.DEFINE_list("image_size", None, "H,W every image is resized to (e.g. 224,224).",
+                      flag_values=fv)
+    flags.DEFINE_list("teacher_image_size", None,
+                      "H,W of the teacher's copy of each image (default: --image_size).",
+                      flag_values=fv)
+    flags.DEFINE_integer("channels", None, "1 or 3: convert colour modes (default: the data's).",
+                         flag_values=fv)
+    flags.DEFINE_enum("cache_images", "none", list(CACHE_IMAGES),
+                      "Decoded images of image folders: stream from the files (none), keep "
+                      "in memory, or in a file under --output_dir (disk).", flag_values=fv)
+    flags.DEFINE_float("alpha_width", 1.0, "Width multiplier of mobilenet_v2 / "
+                       "mobilenet_v3_small.", flag_values=fv)
     flags.DEFINE_string("dataset", None, "tfds:NAME to read a prepared tensorflow-datasets set.", flag_values=fv)
     flags.DEFINE_integer("epoch", 5, "Epochs of the scratch and distilled students.", flag_values=fv)
     flags.DEFINE_integer("teacher_epoch", None, "Epochs of the teacher (default: --epoch).", flag_values=fv)
@@ -76,8 +112,13 @@ def define_trainer_flags(fv):
     flags.DEFINE_float("learning_rate", 1e-3, "Adam peak learning rate (cosine decay to 0).", flag_values=fv)
     flags.DEFINE_integer("seed", 42, "Seed of initial weights and shuffling.", flag_values=fv)
     flags.DEFINE_string("output_dir", "output", "Models, checkpoints, logs and summary.json.", flag_values=fv)
-    flags.DEFINE_string("teacher", "cnn", "Zoo teacher: cnn, seed_teacher or mlp_teacher.", flag_values=fv)
-    flags.DEFINE_string("student", "mlp_student", "Zoo student: mlp_student (Hinton 2x800) or seed_student.", flag_values=fv)
+    flags.DEFINE_string(
+        "teacher", "cnn", "Zoo teacher: cnn, seed_teacher, mlp_teacher, or a keras.applications "
+        "network: mobilenet_v2, mobilenet_v3_small, resnet50, efficientnet_b0, convnext_tiny.",
+        flag_values=fv)
+    flags.DEFINE_string(
+        "student", "mlp_student", "Zoo student: mlp_student (Hinton 2x800), seed_student, or a "
+        "keras.applications network (as --teacher).", flag_values=fv)
     flags.DEFINE_string("teacher_model", None, "A trained .keras teacher (evaluated, not retrained).", flag_values=fv)
     flags.DEFINE_string("student_model", None, "A .keras student architecture (re-initialised).", flag_values=fv)
     flags.DEFINE_integer("max_steps", None, "Bound on the steps of every epoch.", flag_values=fv)

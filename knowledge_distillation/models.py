@@ -99,6 +99,56 @@ def mlp_student(input_shape, num_classes):
     return _mlp(input_shape, num_classes, 800, 0.0, "mlp_student")
 
 
+# keras.applications networks, built with weights=None (nothing downloads)
+# at the data's size and class count, with logits out. Where Keras offers
+# it, their own input rescaling is switched off, so that --preprocessing
+# alone decides the scaling; EfficientNet has no such switch and rescales
+# 0-255 input itself (give it --preprocessing none).
+APPLICATIONS = {
+    "mobilenet_v2": ("MobileNetV2", {"alpha": None}),
+    "mobilenet_v3_small": ("MobileNetV3Small", {"alpha": None, "include_preprocessing": False}),
+    "resnet50": ("ResNet50", {}),
+    "efficientnet_b0": ("EfficientNetB0", {}),
+    "convnext_tiny": ("ConvNeXtTiny", {"include_preprocessing": False}),
+}
+# The applications that rescale their input themselves (see above).
+RESCALES_ITSELF = {"efficientnet_b0": "none"}
+MIN_APPLICATION_SIZE = 32
+
+
+def build_application(name, input_shape, num_classes, alpha_width=1.0):
+    """A keras.applications network by zoo name (`APPLICATIONS`), untrained, emitting logits.
+
+    Args:
+        name: a key of `APPLICATIONS`.
+        input_shape: `(H, W, C)`; H and W at least 32.
+        num_classes: number of output logits.
+        alpha_width: width multiplier of the MobileNets. Defaults to 1.0.
+
+    Raises:
+        ValueError: one line when this Keras lacks the network or it cannot
+            be built at this input shape.
+    """
+    class_name, options = APPLICATIONS[name]
+    builder = getattr(keras.applications, class_name, None)
+    if builder is None:
+        raise ValueError(f"{name}: keras.applications.{class_name} is not in {compat.STACK}; "
+                         "choose another model or use the Keras 3 stack")
+    height, width = input_shape[:2]
+    if min(height, width) < MIN_APPLICATION_SIZE:
+        raise ValueError(f"{name}: input {height}x{width} is too small; keras.applications "
+                         f"networks take at least {MIN_APPLICATION_SIZE}x"
+                         f"{MIN_APPLICATION_SIZE}: resize with --image_size")
+    kwargs = {key: (alpha_width if key == "alpha" else value) for key, value in options.items()}
+    try:
+        return builder(input_shape=tuple(input_shape), weights=None, classes=int(num_classes),
+                       classifier_activation=None, **kwargs)
+    except (ValueError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name}: cannot be built for input {tuple(input_shape)}: "
+                         f"{reason}") from e
+
+
 TEACHERS = {
     "cnn": cnn_teacher,
     "seed_teacher": seed_teacher,
@@ -108,17 +158,18 @@ STUDENTS = {
     "seed_student": seed_student,
     "mlp_student": mlp_student,
 }
-MODELS = {**TEACHERS, **STUDENTS}
+MODELS = {**TEACHERS, **STUDENTS, **{name: build_application for name in APPLICATIONS}}
 
 
-def build_model(name, input_shape, num_classes, seed=None):
+def build_model(name, input_shape, num_classes, seed=None, alpha_width=1.0):
     """Builds a zoo model by name, shaped by the data.
 
     Args:
-        name: one of `MODELS`.
+        name: one of `MODELS` (the zoo's own, or a keras.applications name).
         input_shape: `(H, W, C)` of one example.
         num_classes: number of output logits.
         seed: if given, seeds weight initialisation (same seed, same weights).
+        alpha_width: width multiplier of the MobileNets. Defaults to 1.0.
 
     Returns:
         A `keras.Model` producing logits.
@@ -129,6 +180,8 @@ def build_model(name, input_shape, num_classes, seed=None):
         )
     if seed is not None:
         compat.set_random_seed(seed)
+    if name in APPLICATIONS:
+        return build_application(name, tuple(input_shape), int(num_classes), alpha_width)
     return MODELS[name](tuple(input_shape), int(num_classes))
 
 
@@ -186,13 +239,15 @@ def _is_hdf5(path):
         return f.read(8) == b"\x89HDF\r\n\x1a\n"
 
 
-def check_compatible(model, input_shape, num_classes, flag):
-    """Raises a clear error if `model` does not fit the data."""
+def check_compatible(model, input_shape, num_classes, flag, size_flag="--image_size"):
+    """Raises a clear error if `model` does not fit the data (`input_shape` after resizing)."""
     model_in = tuple(model.input_shape[1:]) if hasattr(model, "input_shape") else None
     if model_in is not None and None not in model_in and model_in != tuple(input_shape):
         raise ValueError(
             f"{flag}: model input shape {model_in} does not match the data's "
-            f"{tuple(input_shape)}"
+            f"{tuple(input_shape)}; resize the images to the model's with "
+            f"{size_flag} {model_in[0]},{model_in[1]}"
+            + (f" (and --channels {model_in[2]})" if model_in[2] != input_shape[2] else "")
         )
     out = model.output_shape[-1] if hasattr(model, "output_shape") else None
     if out is not None and out != num_classes:

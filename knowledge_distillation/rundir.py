@@ -35,6 +35,7 @@ LOCK_FILE = ".lock"
 # may change them.
 NOT_DECIDING = frozenset({
     "output_dir", "overwrite", "log_steps", "steps_per_execution", "cache_teacher", "quantize",
+    "cache_images",
     "device.data_dump_flag", "device.data_dump_step", "device.data_dump_path",
     "device.over_dump", "device.over_dump_path", "device.profiling",
     "device.profiling_dump_path",
@@ -98,12 +99,17 @@ def deciding_settings(config):
     return settings
 
 
+def _images_digest(images):
+    # Image files count by their list (paths, sizes, modification times).
+    return images.fingerprint() if hasattr(images, "fingerprint") else hash_array(images)
+
+
 def data_fingerprint(data):
     """A digest of every array of an `ImageData` (the images, the labels)."""
     return {
         "name": data.name,
-        "train": hash_array(data.x_train) + hash_array(data.y_train),
-        "test": hash_array(data.x_test) + hash_array(data.y_test),
+        "train": _images_digest(data.x_train) + hash_array(data.y_train),
+        "test": _images_digest(data.x_test) + hash_array(data.y_test),
     }
 
 

@@ -25,6 +25,8 @@ from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
 from knowledge_distillation import models, rundir
 from knowledge_distillation.compat import keras
+from knowledge_distillation.inputs import (
+    model_metadata, prepare_inputs, streams, teacher_view_version)
 from knowledge_distillation.kd import teacher_cache
 from knowledge_distillation.phase import Phase, check_backup, check_finite_weights, finite_or_null
 from knowledge_distillation.ascend.device import setup_device
@@ -100,29 +102,35 @@ class Trainer:
     # is then bypassed and the teacher runs on every step.
     train_augmentation = None
 
-    def _train_ds(self, extra=None, lookup=None):
+    def _train_ds(self, extra=None, lookup=None, data=None, view=None, teacher_view=None):
+        """The shuffled training batches (the same order for every phase: same seed, same indices)."""
         cfg = self.config
+        data = data or self.data
         ds = data_lib.make_dataset(
-            self.data.x_train,
-            self.data.y_train,
+            data.x_train,
+            data.y_train,
             cfg.batch_size,
             shuffle=True,
             seed=cfg.seed,
             drop_remainder=cfg.device.static,
             extra=extra,
+            view=view or self.view,
+            teacher_view=teacher_view,
         )
         if extra is not None:
             ds = ds.map(lookup or (lambda x, y, t: ((x, t), y)))
         if cfg.max_steps is not None:
             ds = ds.take(cfg.max_steps)
-        return self.dist.shard(ds, training=True, num_examples=len(self.data.x_train))
+        return self.dist.shard(ds, training=True, num_examples=len(data.x_train))
 
-    def _test_ds(self):
+    def _test_ds(self, data=None, view=None):
+        data = data or self.data
         ds = data_lib.make_dataset(
-            self.data.x_test,
-            self.data.y_test,
+            data.x_test,
+            data.y_test,
             self.config.batch_size,
             drop_remainder=self.config.device.static,
+            view=view or self.view,
         )
         return self.dist.shard(ds, training=False)
 
@@ -140,17 +148,14 @@ class Trainer:
         return steps
 
     # -- models ----------------------------------------------------------
-    def _build(self, name, user_path, flag):
+    def _build(self, name, user_path, flag, shape, size_flag="--image_size"):
         cfg = self.config
         if user_path:
             model = models.load_model(user_path, flag)
-            models.check_compatible(
-                model, self.data.input_shape, self.data.num_classes, flag
-            )
+            models.check_compatible(model, shape, self.data.num_classes, flag, size_flag)
             return model
-        return models.build_model(
-            name, self.data.input_shape, self.data.num_classes, seed=cfg.seed
-        )
+        return models.build_model(name, shape, self.data.num_classes, seed=cfg.seed,
+                                  alpha_width=cfg.alpha_width)
 
     def _fresh_student(self):
         """The student architecture with the run's seeded initial weights."""
@@ -158,12 +163,12 @@ class Trainer:
         if cfg.student_model:
             user = models.load_model(cfg.student_model, "--student_model")
             models.check_compatible(
-                user, self.data.input_shape, self.data.num_classes, "--student_model"
+                user, self.input_shape, self.data.num_classes, "--student_model"
             )
             compat.set_random_seed(cfg.seed)
             model = keras.models.clone_model(user)
         else:
-            model = self._build(cfg.student, None, "--student")
+            model = self._build(cfg.student, None, "--student", self.input_shape)
         return self.session.prepare_model(model)
 
     def _fit(self, phase, model, target, train_ds, epochs):
@@ -186,7 +191,9 @@ class Trainer:
         )
         seconds = time.perf_counter() - start
         check_finite_weights(target, phase.name)
-        save_model_atomic(target, phase.model_path)
+        view = self.teacher_view if phase.name == "teacher" else self.view
+        save_model_atomic(target, phase.model_path,
+                          model_metadata(target, view, self.data.class_names))
         metrics = _last_epoch_metrics(history)
         return {
             "training_time_sec": seconds,
@@ -209,12 +216,15 @@ class Trainer:
         cfg = self.config
         if cfg.teacher_model:
             logger.info("teacher: loading %s (evaluated, not retrained)", cfg.teacher_model)
-            return self._build(None, cfg.teacher_model, "--teacher_model"), {"trained": False}
+            model = self._build(None, cfg.teacher_model, "--teacher_model", self.teacher_shape,
+                                "--teacher_image_size")
+            return model, {"trained": False}
         phase = self._phase("teacher")
         model = self._resume_or_none(phase)
         if model is not None:
             return model, {"trained": True, "resumed": True}
-        model = self.session.prepare_model(self._build(cfg.teacher, None, "--teacher"))
+        model = self.session.prepare_model(
+            self._build(cfg.teacher, None, "--teacher", self.teacher_shape))
         if cfg.teacher_epochs == 0:
             raise ValueError(
                 "--teacher_epoch 0 trains no teacher: give --teacher_model PATH "
@@ -224,7 +234,8 @@ class Trainer:
             model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session),
             self.session, self.steps_per_execution,
         )
-        stats = self._fit(phase, model, model, self._train_ds(), cfg.teacher_epochs)
+        train_ds = self._train_ds(data=self.teacher_data, view=self.teacher_view)
+        stats = self._fit(phase, model, model, train_ds, cfg.teacher_epochs)
         return model, {"trained": True, **stats}
 
     def scratch(self):
@@ -247,25 +258,34 @@ class Trainer:
             return model, {"resumed": True}
         student = self._fresh_student()
         cached, why = teacher_cache.cache_decision(self.train_augmentation)
+        own_view = self.teacher_view != self.view
         if cached and cfg.cache_teacher:
             logger.info("distilled: %s: teacher logits are computed once and cached", why)
             outputs = teacher_cache.teacher_outputs(
                 teacher,
-                self.data.x_train,
-                lambda x: self.teacher_logits(teacher, x),
+                self.teacher_data.x_train,
+                lambda x: self.teacher_logits(teacher, x, self.teacher_view),
                 cache_dir=os.path.join(cfg.output_dir, "teacher_cache"),
                 preprocess=data_lib.preprocess,
+                preprocessing_version=teacher_view_version(self.teacher_view),
             )
             train_ds = self._train_ds(extra=outputs.column(), lookup=outputs.lookup)
             cache_state = outputs.source
         else:
             cached = False
-            logger.info("distilled: the teacher runs on every training step (%s)",
-                        why if cfg.cache_teacher else "--nocache_teacher")
-            train_ds = self._train_ds()
+            logger.info("distilled: the teacher runs on every training step (%s)%s",
+                        why if cfg.cache_teacher else "--nocache_teacher",
+                        f"; it gets its own copy of each batch at {self.teacher_shape}"
+                        if own_view else "")
+            if own_view and self.teacher_data is not self.data:
+                logger.info("distilled: both copies are made from the image files (the "
+                            "--cache_images copy is at the student's size only)")
+            train_ds = self._train_ds(
+                data=self.teacher_data, teacher_view=self.teacher_view if own_view else None)
             cache_state = "off"
         distiller = Distiller(
-            teacher=teacher, student=student, teacher_outputs_in_data=cached
+            teacher=teacher, student=student, teacher_outputs_in_data=cached,
+            teacher_input_in_data=own_view and not cached,
         )
         distiller.compile(
             optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
@@ -283,10 +303,11 @@ class Trainer:
         stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
         return student, {**stats, "teacher_cache": cache_state}
 
-    def teacher_logits(self, teacher, x=None):
+    def teacher_logits(self, teacher, x=None, view=None):
         """Teacher logits of `x` (default: the training split), batched, inference mode."""
-        x = self.data.x_train if x is None else x
-        ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512)
+        x = self.teacher_data.x_train if x is None else x
+        ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512,
+                                   view=view or self.teacher_view)
         inputs = self.dist.shard(ds.map(lambda x, y: x), training=False)
         return batched_predict(teacher, inputs, compiled=True).astype(np.float32)
 
@@ -320,6 +341,14 @@ class Trainer:
         try:
             with self.dist.scope():
                 summary = self._run()
+        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+            # A corrupt image body fails where TensorFlow decodes it, without
+            # the file's name: find the file and name it.
+            for split in (getattr(self, "raw_data", None) and
+                          (self.raw_data.x_train, self.raw_data.x_test)) or ():
+                if isinstance(split, data_lib.ImageFiles):
+                    data_lib.locate_undecodable(split)
+            raise
         finally:
             self.folder.release()
         self.dist.finish()
@@ -339,7 +368,7 @@ class Trainer:
         if cfg.student_model:
             user = models.load_model(cfg.student_model, "--student_model")
             models.check_compatible(
-                user, self.data.input_shape, self.data.num_classes, "--student_model")
+                user, self.input_shape, self.data.num_classes, "--student_model")
 
     def _previous_summary(self):
         try:
@@ -371,18 +400,11 @@ class Trainer:
         self.session = setup_device(cfg.device, cfg.output_dir)
         self.steps_per_execution, why = self._steps_per_execution()
         logger.info("training: %d steps per compiled call (%s)", self.steps_per_execution, why)
-        self.data = data_lib.load_data(
-            cfg.data_path, cfg.dataset, train_size=cfg.train_size, test_size=cfg.test_size
-        )
-        logger.info(
-            "data: %s, %d training and %d test images of shape %s, %d classes",
-            self.data.name,
-            len(self.data.x_train),
-            len(self.data.x_test),
-            self.data.input_shape,
-            self.data.num_classes,
-        )
-        self.folder.check_data(rundir.data_fingerprint(self.data))
+        inputs = prepare_inputs(cfg)
+        for name in ("raw_data", "data", "teacher_data", "view", "teacher_view", "input_shape",
+                     "teacher_shape"):
+            setattr(self, name, getattr(inputs, name))
+        self.folder.check_data(rundir.data_fingerprint(self.raw_data))
         finished = self._finished_summary()
         if finished is not None:
             return finished
@@ -391,7 +413,9 @@ class Trainer:
         test_ds = self._test_ds()
 
         teacher, teacher_stats = self.teacher()
-        teacher_eval = _evaluate(teacher, test_ds, self.session)
+        teacher_test_ds = (test_ds if self.teacher_view == self.view
+                           else self._test_ds(self.teacher_data, self.teacher_view))
+        teacher_eval = _evaluate(teacher, teacher_test_ds, self.session)
         logger.info("teacher: test accuracy %.4f, loss %.4f", teacher_eval["accuracy"], teacher_eval["loss"])
 
         scratch, scratch_stats = self.scratch()
@@ -420,8 +444,14 @@ class Trainer:
                 "name": self.data.name,
                 "train_examples": len(self.data.x_train),
                 "test_examples": len(self.data.x_test),
-                "input_shape": list(self.data.input_shape),
+                "input_shape": list(self.input_shape),
+                "teacher_input_shape": list(self.teacher_shape),
                 "num_classes": self.data.num_classes,
+                "class_names": list(self.data.class_names or []) or None,
+                "source": "image files" if streams(self.raw_data) else "arrays",
+                "cache_images": cfg.cache_images if streams(self.raw_data) else "none",
+                "preprocessing": self.view.preprocessing,
+                "interpolation": self.view.interpolation,
             },
             "dtype_policy": keras.mixed_precision.global_policy().name,
             "stack": compat.environment(),
@@ -443,6 +473,7 @@ class Trainer:
             self.data,
             name="distilled_student",
             batch_size=self.config.batch_size,
+            view=self.view,
         )
 
 

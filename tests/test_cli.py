@@ -47,7 +47,9 @@ def test_run_writes_summary_models_checkpoints_and_logs(finished_run):
         assert os.listdir(out / "logs" / "tensorboard" / phase / "train")
     assert summary["data"] == {"name": "fashion-mnist", "train_examples": 1024,
                                "test_examples": 256, "input_shape": [28, 28, 1],
-                               "num_classes": 10}
+                               "teacher_input_shape": [28, 28, 1], "num_classes": 10,
+                               "class_names": None, "source": "arrays", "cache_images": "none",
+                               "preprocessing": "unit", "interpolation": "bilinear"}
     assert summary["stack"]["keras"] == compat.KERAS_VERSION
     assert summary["stack"]["stack"] == compat.STACK
     assert summary["examples_per_sec"] > 0

@@ -17,7 +17,7 @@ LEVELS = {
     "util": 1, "config": 1,
     "data": 2, "models": 2,
     "kd": 3, "ascend": 3, "distribute": 3, "callbacks": 3, "flags": 3, "rundir": 3,
-    "quant": 4, "phase": 4,
+    "quant": 4, "phase": 4, "inputs": 4,
     "train": 5,
     "cli": 6,
     "__main__": 7,

@@ -5,6 +5,7 @@ Every failure is one `DataError` line naming the file.
 
 import dataclasses
 import logging
+from typing import Optional
 
 import numpy as np
 
@@ -13,24 +14,32 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageData:
-    """An image classification data set held in memory as raw arrays.
+    """An image classification data set: in-memory arrays or image files.
 
     Attributes:
         x_train: training images, `(N, H, W, C)`, channels-last, in the dtype
-            they were stored in (uint8 for MNIST files).
+            they were stored in (uint8 for MNIST files), or `ImageFiles`
+            (decoded batch by batch; H and W are None when sizes differ).
         y_train: training labels, `(N,)` int64.
         x_test: test images, like `x_train`.
         y_test: test labels, like `y_train`.
         num_classes: number of classes, read from the data.
         name: the data set's name (the folder name, or the tfds name).
+        class_names: the class folder names, when the data has them.
+        labelled: False for a folder of images without labels (the
+            quantizer calibrates on it, and nothing is evaluated).
+        test_is_train: the test split is (a sample of) the training split.
     """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
-    num_classes: int
+    num_classes: Optional[int]
     name: str
+    class_names: Optional[tuple] = None
+    labelled: bool = True
+    test_is_train: bool = False
 
     @property
     def input_shape(self) -> tuple:

@@ -38,7 +38,8 @@ TFDS_PREFIX = "tfds:"
 _GET_DATA_HINT = (
     "install Fashion-MNIST with `apt-get install dataset-fashion-mnist` "
     "(it lands in /usr/share/datasets/fashion-mnist) or pass --data_path=DIR "
-    f"holding {NPZ_FILE} or the four MNIST IDX files"
+    f"holding {NPZ_FILE} or the four MNIST IDX files, or train/<class>/ and "
+    "test/<class>/ image folders"
 )
 
 

@@ -44,6 +44,10 @@ class Distiller(compat.LossModel):
             `alpha=0`): precomputed teacher outputs, so the teacher is not
             run every step. Plain `(x, y)` data still works for evaluation.
             Defaults to False.
+        teacher_input_in_data: if True, training data is
+            `((x, teacher_x), y)`: the teacher's own copy of each batch (e.g.
+            at a larger resolution), which the teacher runs on every step.
+            Defaults to False.
 
     Example:
 
@@ -68,10 +72,14 @@ class Distiller(compat.LossModel):
         teacher=None,
         student=None,
         teacher_outputs_in_data=False,
+        teacher_input_in_data=False,
         name="distiller",
         **kwargs,
     ):
         super().__init__(name=name, **kwargs)
+        if teacher_outputs_in_data and teacher_input_in_data:
+            raise ValueError("teacher_outputs_in_data and teacher_input_in_data exclude each "
+                             "other: the second input is the teacher's outputs or its input")
         if not isinstance(student, keras.Model):
             raise ValueError(
                 f"student must be a keras.Model, got {type(student).__name__}"
@@ -88,6 +96,9 @@ class Distiller(compat.LossModel):
         self.teacher = teacher
         self.student = student
         self.teacher_outputs_in_data = bool(teacher_outputs_in_data)
+        self.teacher_input_in_data = bool(teacher_input_in_data)
+        if teacher_input_in_data and teacher is None:
+            raise ValueError("teacher_input_in_data=True needs a teacher model")
         if teacher is not None:
             teacher.trainable = False
         self.student_loss_tracker = keras.metrics.Mean(name="student_loss")
@@ -173,17 +184,21 @@ class Distiller(compat.LossModel):
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
     def _split_inputs(self, inputs):
-        if self.teacher_outputs_in_data and isinstance(inputs, (tuple, list)):
-            if len(inputs) != 2:
-                raise ValueError(
-                    "with teacher_outputs_in_data=True the model input must be "
-                    f"(x, teacher_outputs), got {len(inputs)} items"
-                )
-            return inputs[0], inputs[1]
-        return inputs, None
+        """`(student input, teacher outputs or None, teacher input)`."""
+        for flag, what in ((self.teacher_outputs_in_data, "teacher_outputs"),
+                           (self.teacher_input_in_data, "teacher_input")):
+            if flag and isinstance(inputs, (tuple, list)):
+                if len(inputs) != 2:
+                    raise ValueError(
+                        f"with {what}_in_data=True the model input must be "
+                        f"(x, {what}), got {len(inputs)} items")
+                if self.teacher_input_in_data:
+                    return inputs[0], None, inputs[1]
+                return inputs[0], inputs[1], inputs[0]
+        return inputs, None, inputs
 
     def call(self, inputs, training=None):
-        x, _ = self._split_inputs(inputs)
+        x, _, _ = self._split_inputs(inputs)
         return self.student(x, training=training)
 
     def teacher_outputs(self, x):
@@ -205,7 +220,7 @@ class Distiller(compat.LossModel):
                 "distillation term has no per-example weighting; resample the "
                 "data instead"
             )
-        images, teacher_out = self._split_inputs(x)
+        images, teacher_out, teacher_in = self._split_inputs(x)
         if y_pred is None:
             y_pred = self.student(images, training=training)
         y_pred32 = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), y_pred)
@@ -221,7 +236,7 @@ class Distiller(compat.LossModel):
         distillation_loss = tf.constant(0.0)
         if self.alpha < 1.0:
             if teacher_out is None:
-                teacher_out = self.teacher_outputs(images)
+                teacher_out = self.teacher_outputs(teacher_in)
             teacher_out = tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), teacher_out)
             distillation_loss = tf.cast(
                 self.distillation_loss.compute_loss(teacher_out, y_pred32), tf.float32
@@ -241,6 +256,7 @@ class Distiller(compat.LossModel):
                 "teacher": compat.serialize(self.teacher),
                 "student": compat.serialize(self.student),
                 "teacher_outputs_in_data": self.teacher_outputs_in_data,
+                "teacher_input_in_data": self.teacher_input_in_data,
             }
         )
         return config

@@ -19,10 +19,12 @@ it when the key matches. The key covers everything that changes the outputs:
   would be cheaper but can miss an edited image; hashing reads each byte once
   while the teacher spends thousands of FLOPs on it, so the full hash costs a
   few percent of one teacher pass at most (`bench/distill_speed.py` prints
-  both times);
-- the preprocessing: its version string and a hash of the preprocessing
-  function's source, so editing `data.preprocess` invalidates the cache
-  without anyone remembering to bump a number;
+  both times). Image files count by their list: every path, size and
+  modification time;
+- the preprocessing: its version string (the trainer adds the teacher's
+  view: image size, colour mode, interpolation, scaling) and a hash of the
+  preprocessing function's source, so editing `data.preprocess` invalidates
+  the cache without anyone remembering to bump a number;
 - the dtype policies (global and per layer): bfloat16 and float32 teachers
   give different logits.
 
@@ -143,16 +145,19 @@ def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_V
     Returns:
         A JSON-serialisable dict; equal dicts mean reusable outputs.
     """
-    images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+    if hasattr(images, "fingerprint"):
+        # Image files (data.ImageFiles): their list of paths, sizes and
+        # modification times; the resize settings are in the preprocessing version.
+        described = {"shape": [len(images)], "files": images.fingerprint()}
+    else:
+        images = np.asarray(images) if not isinstance(images, np.ndarray) else images
+        described = {"shape": list(images.shape), "dtype": images.dtype.str,
+                     "bytes": hash_array(images)}
     return {
         "format": CACHE_FORMAT,
         "teacher_weights": weights_digest(teacher),
         "teacher_architecture": hash_architecture(teacher),
-        "images": {
-            "shape": list(images.shape),
-            "dtype": images.dtype.str,
-            "bytes": hash_array(images),
-        },
+        "images": described,
         "preprocessing": preprocessing_fingerprint(preprocess, preprocessing_version),
         "dtype_policy": hashlib.blake2b(
             dtype_policies(teacher).encode(), digest_size=16
@@ -342,7 +347,9 @@ def teacher_outputs(
         "in memory" if in_memory else f"memory-mapped from {array_path}")
     start = time.perf_counter()
     if chunk_examples is None:
-        image_bytes = 4 * int(np.prod(np.shape(images)[1:], dtype=np.int64))
+        # The teacher's input, as float32, is what one image takes in a chunk.
+        dims = [d for d in tuple(teacher.input_shape)[1:] if d] or np.shape(images)[1:]
+        image_bytes = 4 * int(np.prod(dims, dtype=np.int64))
         chunk_examples = max(1, DEFAULT_CHUNK_BYTES // max(image_bytes, 1))
     if cache_dir is not None and os.path.exists(key_path):
         # Invalidate first: a crash before the new key is written must not

@@ -99,7 +99,10 @@ def save_quant_model(qmodel, output_dir, name, activation_dtype="auto"):
 
 
 def topk_accuracy(logits, labels):
-    """`(top1, top5)` of logits against integer labels (top-k capped at the class count)."""
+    """`(top1, top5)` of logits against integer labels (top-k capped at the class count);
+    `(None, None)` when `labels` is None (images without labels)."""
+    if labels is None:
+        return None, None
     logits = np.asarray(logits)
     labels = np.asarray(labels).reshape(-1)
     k = min(5, logits.shape[-1])
@@ -109,8 +112,8 @@ def topk_accuracy(logits, labels):
     return top1, top5
 
 
-def _batches(x, batch_size, num_parallel_reads=None):
-    dataset = data_lib.make_dataset(x, np.zeros(len(x), np.int64), batch_size)
+def _batches(x, batch_size, num_parallel_reads=None, view=None):
+    dataset = data_lib.make_dataset(x, np.zeros(len(x), np.int64), batch_size, view=view)
     if num_parallel_reads:
         import tensorflow as tf
 
@@ -121,9 +124,10 @@ def _batches(x, batch_size, num_parallel_reads=None):
         yield images
 
 
-def keras_logits(model, x, batch_size=256, num_parallel_reads=None):
-    """Logits of a Keras model on raw images (preprocessed by `data.preprocess`)."""
-    return batched_predict(model, _batches(x, batch_size, num_parallel_reads))
+def keras_logits(model, x, batch_size=256, num_parallel_reads=None, view=None):
+    """Logits of a Keras model on stored images (or image files) through `view`
+    (`data.ImageView`; default: as stored, `unit` scaling)."""
+    return batched_predict(model, _batches(x, batch_size, num_parallel_reads, view))
 
 
 def onnx_session(model, num_threads=None):
@@ -143,12 +147,12 @@ def onnx_session(model, num_threads=None):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_logits(model, x, batch_size=256, num_parallel_reads=None):
-    """Logits of an ONNX model (path or proto) in ONNX Runtime on raw images."""
+def onnx_logits(model, x, batch_size=256, num_parallel_reads=None, view=None):
+    """Logits of an ONNX model (path or proto) in ONNX Runtime on stored images through `view`."""
     session = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
     input_name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {input_name: images.numpy()})[0]
-                           for images in _batches(x, batch_size, num_parallel_reads)])
+                           for images in _batches(x, batch_size, num_parallel_reads, view)])
 
 
 def compare_logits(logits, reference):
@@ -171,11 +175,13 @@ def compare_logits(logits, reference):
 # --- the whole flow -------------------------------------------------------------
 
 
-def _calibration_images(data, size, seed):
+def _calibration_images(data, size, seed, view=None):
+    """A seeded sample of the training images, preprocessed through `view`, as float32."""
     n = len(data.x_train)
     size = min(int(size), n)
     index = np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
-    return data_lib.preprocess(data.x_train[index]).numpy()
+    return np.concatenate([images.numpy() for images in
+                           _batches(data.x_train[index], 256, view=view)])
 
 
 def quantize_model(
@@ -192,6 +198,7 @@ def quantize_model(
     seed=0,
     num_parallel_reads=None,
     activation_dtype="auto",
+    view=None,
 ):
     """Quantizes a float Keras model by block distillation and evaluates it.
 
@@ -222,6 +229,9 @@ def quantize_model(
         activation_dtype: the deploy model's activations, "auto" (uint8 on
             an x86-64 CPU with VNNI, else int8), "int8" or "uint8"; see
             `save_quant_model`. Defaults to "auto".
+        view: the `data.ImageView` the images go through (size, colour mode,
+            scaling), the same for Keras and ONNX Runtime. Defaults to None
+            (the stored images, `unit` scaling).
 
     Returns:
         A JSON-serialisable dict: `before` and `after` (top1/top5 of the float
@@ -248,7 +258,7 @@ def quantize_model(
         with float32_policy():
             return _quantize(model, data, output_dir, name, paths, batch_size, calibration_size,
                              config_text, config_source, epochs, max_input_drift, seed,
-                             num_parallel_reads, activation_dtype)
+                             num_parallel_reads, activation_dtype, view)
     finally:
         package_logger.removeHandler(handler)
         handler.close()
@@ -256,11 +266,18 @@ def quantize_model(
 
 def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size, config_text,
               config_source, epochs, max_input_drift, seed, num_parallel_reads,
-              activation_dtype):
+              activation_dtype, view):
     start = time.perf_counter()
-    x_test, y_test = data.x_test, data.y_test
+    x_test, y_test = data.x_test, (data.y_test if data.labelled else None)
+    reads = {"num_parallel_reads": num_parallel_reads, "view": view}
     logger.info("quantizing %s: %d calibration images from %s train, %d test images",
                 name, min(calibration_size, len(data.x_train)), data.name, len(x_test))
+    if data.test_is_train:
+        logger.info("the calibration images are a sample of the test images (one folder serves "
+                    "both, as in AMCT's sample): the accuracies are not held-out figures")
+    if not data.labelled:
+        logger.info("the images have no labels: they calibrate, and no accuracy is measured; "
+                    "the quantized model is checked against the float model's logits")
     config = create_distill_config(model, config_text, source=config_source)
     config.save(paths["config"])
     logger.info("distill config: %d quantized layers in %d blocks (group_size %d), written to %s",
@@ -268,10 +285,10 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
                 paths["config"])
     qmodel = create_quant_model(model, config)
     # The float reference is the float32 copy the blocks distil from.
-    float_logits = keras_logits(qmodel.teacher_model, x_test, num_parallel_reads=num_parallel_reads)
+    float_logits = keras_logits(qmodel.teacher_model, x_test, **reads)
     before = topk_accuracy(float_logits, y_test)
     logger.info("%s before quantize top1: %s top5: %s", name, *before)
-    images = _calibration_images(data, calibration_size, seed)
+    images = _calibration_images(data, calibration_size, seed, view)
     distill_start = time.perf_counter()
     dump_dir = os.path.join(output_dir, "tmp", "data_dump") if config.data_dump else None
     blocks = quantize_distill.distill(
@@ -281,9 +298,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
     saved = save_quant_model(qmodel, output_dir, name, activation_dtype)
 
     float_bytes = len(quantize_onnx.build_onnx(qmodel.teacher_model, "float").SerializeToString())
-    sim_logits = keras_logits(qmodel.keras_model, x_test, num_parallel_reads=num_parallel_reads)
-    fake_logits = onnx_logits(saved["fake_quant_model"], x_test, num_parallel_reads=num_parallel_reads)
-    deploy_logits = onnx_logits(saved["deploy_model"], x_test, num_parallel_reads=num_parallel_reads)
+    sim_logits = keras_logits(qmodel.keras_model, x_test, **reads)
+    fake_logits = onnx_logits(saved["fake_quant_model"], x_test, **reads)
+    deploy_logits = onnx_logits(saved["deploy_model"], x_test, **reads)
     after = topk_accuracy(fake_logits, y_test)
     logger.info("%s after quantize  top1: %s top5: %s", name, *after)
     vs_float = compare_logits(fake_logits, float_logits)
@@ -310,6 +327,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "calibration_range_images": quantize_distill.range_images(
             len(images), batch_size, config.batch_num),
         "test_size": len(x_test),
+        "labelled": bool(data.labelled),
+        "test_is_train": bool(data.test_is_train),
+        "view": (view or data_lib.ImageView()).describe(),
         "before": {"top1": before[0], "top5": before[1]},
         "after": {"top1": after[0], "top5": after[1]},
         "tf_simulation": dict(zip(("top1", "top5"), topk_accuracy(sim_logits, y_test))),

@@ -33,7 +33,7 @@ from absl import flags
 
 from knowledge_distillation import flags as kd_flags
 from knowledge_distillation.util.logs import quiet_tensorflow_start, setup_logging
-from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig
+from knowledge_distillation.config import DEFAULT_DATA_PATH, DistributeConfig, check_image_options
 
 logger = logging.getLogger("knowledge_distillation.quant")
 
@@ -65,6 +65,11 @@ class QuantizeConfig:
             `knowledge_distillation/distribute/`).
         deploy_activation_dtype: the deploy model's activations, "auto"
             (uint8 on an x86-64 CPU with VNNI, else int8), "int8" or "uint8".
+        labels_file: label list of a flat image folder (`<file name> <class
+            index>` lines); its images both calibrate and test. Without it,
+            a folder of images without labels calibrates only.
+        interpolation: resize method; None: the model file's, else bilinear.
+        preprocessing: pixel scaling; None: the model file's, else unit.
     """
 
     model: str
@@ -81,6 +86,9 @@ class QuantizeConfig:
     max_input_drift: float = 0.1
     seed: int = 0
     deploy_activation_dtype: str = "auto"
+    labels_file: Optional[str] = None
+    interpolation: Optional[str] = None
+    preprocessing: Optional[str] = None
     distribute: DistributeConfig = dataclasses.field(default_factory=DistributeConfig)
 
     def __post_init__(self):
@@ -96,6 +104,7 @@ class QuantizeConfig:
             raise ValueError(f"--test_size must be positive, got {self.test_size}")
         if self.max_input_drift < 0:
             raise ValueError(f"--max_input_drift must be >= 0, got {self.max_input_drift}")
+        check_image_options(None, self.interpolation, self.preprocessing)
         if self.deploy_activation_dtype not in DEPLOY_ACTIVATION_DTYPES:
             raise ValueError("--deploy_activation_dtype must be one of "
                              f"{', '.join(DEPLOY_ACTIVATION_DTYPES)}, "
@@ -107,8 +116,10 @@ def define_flags(fv):
     flags.DEFINE_string("model", None, "The float .keras model to quantize.", flag_values=fv)
     flags.DEFINE_string(
         "data_path", DEFAULT_DATA_PATH,
-        "Folder with mnist.npz or the four MNIST IDX files (or the tfds data_dir).",
-        flag_values=fv)
+        "Folder with mnist.npz or the four MNIST IDX files, train/ and test/ class folders, a "
+        "folder of images (with --labels_file, or unlabelled for calibration only), or the "
+        "tfds data_dir.", flag_values=fv)
+    kd_flags.define_image_flags(fv, trainer=False)
     flags.DEFINE_string("dataset", None, "tfds:NAME to read a prepared tensorflow-datasets set.",
                         flag_values=fv)
     flags.DEFINE_string("config_defination", None,
@@ -152,6 +163,8 @@ def quantize_config(fv):
 def info_line(name, when, accuracy):
     """AMCT's result line, e.g. `[INFO] Net before quantize top1:   0.875 top5:   0.996`."""
     label = "before quantize" if when == "before" else "after quantize "
+    if accuracy["top1"] is None:
+        return f"[INFO] {name} {label} top1: n/a top5: n/a (the images have no labels)"
     return f"[INFO] {name} {label} top1:{accuracy['top1']:>10} top5:{accuracy['top5']:>10}"
 
 
@@ -191,8 +204,14 @@ def _run(config, output_dir):
         raise ValueError(
             f"--model: {config.model} has {len(model.inputs)} inputs and {len(model.outputs)} "
             "outputs; the quantizer takes a model with one image input and one logits output")
-    data = data_lib.load_data(config.data_path, config.dataset, test_size=config.test_size)
-    models.check_compatible(model, data.input_shape, data.num_classes, "--model")
+    data = _load_data(config, data_lib)
+    view = _model_view(config, model, data, data_lib)
+    if data.labelled:
+        models.check_compatible(model, view.output_shape(data.x_train.shape[1:]),
+                                model.output_shape[-1], "--model")
+        source = config.labels_file or config.data_path
+        data_lib.check_labels_below(data.y_test, model.output_shape[-1], source,
+                                    f"the {model.output_shape[-1]} outputs of {config.model}")
     return quantize_into(
         output_dir, model, data,
         summary_extra={"config": dataclasses.asdict(config)},
@@ -206,7 +225,49 @@ def _run(config, output_dir):
         seed=config.seed,
         num_parallel_reads=config.num_parallel_reads,
         activation_dtype=config.deploy_activation_dtype,
+        view=view,
     )
+
+
+def _load_data(config, data_lib):
+    """The labelled split pair, or one folder of images (labelled by --labels_file, or not)."""
+    path = config.data_path
+    flat = config.labels_file or (
+        config.dataset is None and os.path.isdir(path) and data_lib.is_flat_image_folder(path))
+    if flat:
+        if config.dataset:
+            raise ValueError(f"--labels_file names an image list; --dataset {config.dataset} "
+                             "reads a tfds data set: give one or the other")
+        return data_lib.load_flat_folder(path, config.labels_file, test_size=config.test_size)
+    return data_lib.load_data(path, config.dataset, test_size=config.test_size)
+
+
+def _model_view(config, model, data, data_lib):
+    """The images through the model's eyes: its input size and channels, the model file's
+    preprocessing and interpolation unless the flags name others."""
+    from knowledge_distillation.util.files import read_model_metadata
+
+    stored = read_model_metadata(config.model)
+    choices = {}
+    for key, default in (("preprocessing", "unit"), ("interpolation", "bilinear")):
+        flag, carried = getattr(config, key), stored.get(key)
+        if flag and carried and flag != carried:
+            logger.warning("--%s %s overrides the %s the model file carries (%s)", key, flag,
+                           key, carried)
+        choices[key] = flag or carried or default
+        logger.info("%s: %s (%s)", key, choices[key], "--" + key if flag else
+                    ("from the model file" if carried else "default"))
+    height, width, channels = (tuple(model.input_shape[1:]) + (None,) * 3)[:3]
+    stored_shape = tuple(data.x_train.shape[1:])
+    size = (height, width) if None not in (height, width) else None
+    if size is not None and stored_shape[:2] != size:
+        logger.info("images of %s resized to the model's %dx%d", "mixed sizes"
+                    if None in stored_shape[:2] else f"{stored_shape[0]}x{stored_shape[1]}",
+                    height, width)
+    view = data_lib.ImageView(size, channels if channels in (1, 3) else None,
+                              choices["interpolation"], choices["preprocessing"])
+    data_lib.model_input_shape(data, view, "a model with a fixed input size")
+    return view
 
 
 def main(argv=None):

@@ -54,12 +54,66 @@ def write_json_atomic(path, payload):
     atomic_write(path, json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def save_model_atomic(model, path):
-    """`compat.save_model(model, path)` through a temporary file and a rename."""
+# What the trainer knows about a model's input (its preprocessing, image
+# size, colour channels, interpolation, class names) travels inside the model
+# file: a member of the .keras zip archive, an attribute of the HDF5 root.
+# Keras ignores both when it loads the model.
+METADATA_MEMBER = "knowledge_distillation.json"
+METADATA_ATTR = "knowledge_distillation"
+
+
+def save_model_atomic(model, path, metadata=None):
+    """`compat.save_model(model, path)` through a temporary file and a rename.
+
+    Args:
+        model: the model.
+        path: `.keras` or `.h5` file.
+        metadata: a JSON-serialisable dict stored inside the file (see
+            `read_model_metadata`). Defaults to None (nothing stored).
+    """
     from knowledge_distillation import compat
 
     with atomic_path(path) as tmp:
         compat.save_model(model, tmp)
+        if metadata is not None:
+            _embed_metadata(tmp, json.dumps(metadata, sort_keys=True, allow_nan=False))
+
+
+def _embed_metadata(path, text):
+    if path.endswith(".keras"):
+        import zipfile
+
+        with zipfile.ZipFile(path, "a") as archive:
+            archive.writestr(METADATA_MEMBER, text)
+    else:
+        import h5py
+
+        with h5py.File(path, "a") as f:
+            f.attrs[METADATA_ATTR] = text
+
+
+def read_model_metadata(path):
+    """The metadata `save_model_atomic` stored in a model file; {} when there is none."""
+    try:
+        if path.endswith(".keras"):
+            import zipfile
+
+            with zipfile.ZipFile(path) as archive:
+                if METADATA_MEMBER not in archive.namelist():
+                    return {}
+                text = archive.read(METADATA_MEMBER).decode("utf-8")
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                if METADATA_ATTR not in f.attrs:
+                    return {}
+                text = f.attrs[METADATA_ATTR]
+                text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        value = json.loads(text)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: cannot read its knowledge_distillation metadata ({e})") from e
+    return value if isinstance(value, dict) else {}
 
 
 def save_weights_atomic(model, path):
