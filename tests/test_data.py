@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from knowledge_distillation.compat import keras
 from knowledge_distillation.data import (
     IDX_FILES,
     DataError,
@@ -387,6 +388,35 @@ def test_prepared_tfds_data_set_loads_from_its_files(
     got_pairs = {(x.tobytes(), int(y)) for x, y in zip(data.x_test, data.y_test)}
     assert got_pairs == real_pairs
     assert no_network == []
+
+
+def test_a_tfds_split_over_the_memory_budget_streams_from_its_files(prepared_tfds, real):
+    from knowledge_distillation.data.tfds import TfdsImages
+    from knowledge_distillation.kd.teacher_cache import cache_key
+
+    streamed = load_data(str(prepared_tfds), dataset="tfds:kd_fashion_slice",
+                         memory_budget_bytes=10000)
+    whole = load_data(str(prepared_tfds), dataset="tfds:kd_fashion_slice")
+    assert isinstance(streamed.x_train, TfdsImages) and isinstance(whole.x_train, np.ndarray)
+    assert streamed.x_train.shape == whole.x_train.shape
+    np.testing.assert_array_equal(streamed.y_train, whole.y_train)  # the same file order
+    # Unshuffled: the same images in the same order; shuffled: every image once, labels aligned.
+    images, labels = zip(*[(x.numpy(), y.numpy()) for x, y in
+                           make_dataset(streamed.x_train, streamed.y_train, 64)])
+    np.testing.assert_array_equal(np.concatenate(images), preprocess(whole.x_train).numpy())
+    order = {x.tobytes(): int(y) for x, y in zip(preprocess(whole.x_train).numpy(), whole.y_train)}
+    shuffled = make_dataset(streamed.x_train, streamed.y_train, 50, shuffle=True, seed=2)
+    pairs = [(x.tobytes(), int(y)) for xb, yb in shuffled for x, y in zip(xb.numpy(), yb.numpy())]
+    assert len(pairs) == len(order) and all(order[x] == y for x, y in pairs)
+    assert [y for _, y in pairs] != list(whole.y_train)
+    # A slice (the teacher cache's chunks, the quantizer's sample) reads just those examples.
+    part = streamed.x_train[np.array([3, 4, 10, 50])]
+    got = np.concatenate([x.numpy() for x, _ in make_dataset(part, np.zeros(4, np.int64), 8)])
+    np.testing.assert_array_equal(got, preprocess(whole.x_train[[3, 4, 10, 50]]).numpy())
+    teacher = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                                keras.layers.Dense(3)])
+    assert cache_key(teacher, streamed.x_train, preprocess)["images"]["files"] != \
+        cache_key(teacher, streamed.x_train[:10], preprocess)["images"]["files"]
 
 
 def test_tfds_size_beyond_the_split_is_an_error(prepared_tfds):

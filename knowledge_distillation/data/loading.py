@@ -23,6 +23,7 @@ def load_data(
     test_size: Optional[int] = None,
     labels_file: Optional[str] = None,
     test_labels_file: Optional[str] = None,
+    memory_budget_bytes: Optional[int] = None,
 ) -> ImageData:
     """Loads an image classification data set without any network access.
 
@@ -56,6 +57,8 @@ def load_data(
         test_size: likewise for the test examples.
         labels_file: the training label list of a flat image folder.
         test_labels_file: its test label list.
+        memory_budget_bytes: a tfds split whose images take more streams
+            from its files. Defaults to `tfds.DEFAULT_MEMORY_BUDGET_BYTES` (1 GiB).
 
     Returns:
         An `ImageData`.
@@ -71,7 +74,10 @@ def load_data(
             raise DataError(f"--labels_file and --test_labels_file name image lists; --dataset "
                             f"{dataset} reads a tfds data set: give one or the other")
         if dataset.startswith(TFDS_PREFIX) and len(dataset) > len(TFDS_PREFIX):
-            return _load_tfds(dataset[len(TFDS_PREFIX):], data_path, train_size, test_size)
+            budget = {} if memory_budget_bytes is None else {
+                "memory_budget_bytes": memory_budget_bytes}
+            return _load_tfds(dataset[len(TFDS_PREFIX):], data_path, train_size, test_size,
+                              **budget)
         raise DataError(
             f"unknown dataset {dataset!r}: expected None (files in data_path) or "
             f"'{TFDS_PREFIX}NAME' (a tensorflow-datasets data set)")

@@ -21,6 +21,9 @@ from knowledge_distillation.data.images import ImageFiles, decode_file
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 TORCH_MEAN = (0.485, 0.456, 0.406)
 TORCH_STD = (0.229, 0.224, 0.225)
+# Examples in the shuffle buffer of a source without random access (a
+# streamed tfds split): a full permutation needs random access.
+STREAM_SHUFFLE_BUFFER = 10000
 # Grayscale from RGB: ITU-R BT.601 luma, as tf.image.rgb_to_grayscale.
 _LUMA = (0.2989, 0.5870, 0.1140)
 
@@ -244,10 +247,20 @@ def make_dataset(
         inputs = [preprocess(image, mode) for image, mode in zip(images, modes)]
         return (inputs[0] if len(inputs) == 1 else tuple(inputs), *rest)
 
-    indices = tf.data.Dataset.range(n)
-    if shuffle:
-        indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
-    ds = _converted_batches(x, indices, views, batch_size, drop_remainder)
+    if hasattr(x, "stream"):
+        # In file order, shuffled through a buffer; indices travel with the images.
+        pairs = x.stream()
+        if shuffle:
+            pairs = pairs.shuffle(min(n, STREAM_SHUFFLE_BUFFER), seed=seed,
+                                  reshuffle_each_iteration=True)
+        ds = pairs.map(lambda image, i: (tuple(convert_images(image, v) for v in views), i),
+                       num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    else:
+        indices = tf.data.Dataset.range(n)
+        if shuffle:
+            indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        ds = _converted_batches(x, indices, views, batch_size, drop_remainder)
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -277,9 +290,13 @@ def read_images(x, view, batch_size=256):
     """Yields `(begin, uint8 batch)` of every image of `x` through `view` (no scaling), in order."""
     if isinstance(x, ImageFiles):
         view = dataclasses.replace(view, channels=view.channels or x.channels)
-    indices = tf.data.Dataset.range(len(x))
+    if hasattr(x, "stream"):
+        batches = x.stream().map(lambda image, i: ((convert_images(image, view),), i))
+        batches = batches.batch(batch_size)
+    else:
+        batches = _converted_batches(x, tf.data.Dataset.range(len(x)), [view], batch_size, False)
     begin = 0
-    for (images,), _ in _converted_batches(x, indices, [view], batch_size, False).prefetch(2):
+    for (images,), _ in batches.prefetch(2):
         yield begin, images.numpy()
         begin += len(images)
 

@@ -1,8 +1,17 @@
-"""A tensorflow-datasets set already prepared in a `data_dir`; never downloads."""
+"""A tensorflow-datasets set already prepared in a `data_dir`; never downloads.
 
+A split whose images fit `DEFAULT_MEMORY_BUDGET_BYTES` is loaded into memory
+(`batch_size=-1`); a larger one streams from its files (`TfdsImages`), and
+memory holds only its labels.
+"""
+
+import hashlib
 import logging
 import os
 
+import numpy as np
+
+from knowledge_distillation.data.pipeline import STREAM_SHUFFLE_BUFFER
 from knowledge_distillation.data.base import (
     DataError,
     ImageData,
@@ -13,8 +22,89 @@ from knowledge_distillation.data.base import (
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 
-def _load_tfds(name, data_dir, train_size, test_size):
+
+class TfdsImages:
+    """The images of a prepared tfds split, read from its files in order, never all in memory.
+
+    Stands in for an `(N, H, W, C)` uint8 array like `ImageFiles`:
+    `data.make_dataset` streams it (`stream`), shuffling through a buffer of
+    `pipeline.STREAM_SHUFFLE_BUFFER` examples rather than a full
+    permutation, since the files have no random access.
+
+    Args:
+        builder: the prepared tfds builder.
+        split: the split's name.
+        shape: `(H, W, C)` of one image.
+        positions: the example positions in the split this view holds (sorted).
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, builder, split, shape, positions):
+        self.builder = builder
+        self.split = split
+        self.image_shape = tuple(shape)
+        self.positions = np.asarray(positions, np.int64)
+
+    def __len__(self):
+        return len(self.positions)
+
+    @property
+    def shape(self):
+        return (len(self),) + self.image_shape
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            index = [index]
+        return TfdsImages(self.builder, self.split, self.image_shape, self.positions[index])
+
+    def fingerprint(self):
+        """Hex digest of the split's files (names, sizes, modification times) and the positions."""
+        h = hashlib.blake2b(digest_size=16)
+        root = str(self.builder.data_path)
+        for name in sorted(os.listdir(root)):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{self.split}\0".encode())
+        h.update(self.positions.tobytes())
+        return h.hexdigest()
+
+    def stream(self):
+        """`tf.data.Dataset` of `(uint8 image, i)` for i = 0..len-1, in order."""
+        import tensorflow as tf
+
+        begin = int(self.positions[0]) if len(self) else 0
+        end = int(self.positions[-1]) + 1 if len(self) else 0
+        images = self.builder.as_dataset(split=f"{self.split}[{begin}:{end}]", shuffle_files=False)
+        images = images.map(lambda example: example["image"])
+        keep = np.zeros(end - begin, bool)
+        keep[self.positions - begin] = True
+        rank = np.cumsum(keep) - 1  # position -> index in this view
+        pairs = tf.data.Dataset.zip((images, tf.data.Dataset.range(end - begin)))
+        if not keep.all():
+            keep_t, rank_t = tf.constant(keep), tf.constant(rank)
+            pairs = pairs.filter(lambda image, p: tf.gather(keep_t, p))
+            pairs = pairs.map(lambda image, p: (image, tf.gather(rank_t, p)))
+        return pairs
+
+    def __repr__(self):
+        return f"TfdsImages({self.builder.name}[{self.split}], {len(self)} examples)"
+
+
+def _labels_in_order(builder, spec):
+    """The labels of a split, in file order, read without decoding the images."""
+    import tensorflow_datasets as tfds
+
+    ds = builder.as_dataset(split=spec, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    return np.asarray([int(v) for v in tfds.as_numpy(ds.map(lambda e: e["label"]))], np.int64)
+
+
+def _load_tfds(name, data_dir, train_size, test_size,
+               memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES):
     # Imported here: only this path needs it, and it is slow to import.
     import tensorflow_datasets as tfds
 
@@ -64,9 +154,18 @@ def _load_tfds(name, data_dir, train_size, test_size):
             )
         spec = split if size is None else f"{split}[:{size}]"
         source = f"{where}[{split}]"
-        batch = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1))
-        images = _check_images(batch["image"], source)
-        labels = _check_labels(batch["label"], source, len(images), source)
+        count = available if size is None else size
+        shape = tuple(features["image"].shape)
+        if None not in shape and count * int(np.prod(shape)) > memory_budget_bytes:
+            logger.info("%s: %d images of shape %s exceed the %d-MB memory budget: they stream "
+                        "from the files (shuffled through a %d-example buffer)", source, count,
+                        shape, memory_budget_bytes >> 20, STREAM_SHUFFLE_BUFFER)
+            images = TfdsImages(builder, split, shape, np.arange(count))
+            labels = _check_labels(_labels_in_order(builder, spec), source, count, source)
+        else:
+            batch = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1))
+            images = _check_images(batch["image"], source)
+            labels = _check_labels(batch["label"], source, len(images), source)
         if labels.max() >= num_classes:
             raise DataError(
                 f"{source}: label {int(labels.max())} out of range; expected "
