@@ -45,7 +45,8 @@ NOT_DECIDING = frozenset({
 # Both stacks' model files, so that --overwrite clears a folder either one wrote.
 RUN_OUTPUTS = tuple(f"{phase}{ext}" for phase in ("teacher", "scratch", "distilled")
                     for ext in (".keras", ".h5")) + (
-    "summary.json", RUN_FILE, "checkpoints", "backup", "logs", "teacher_cache", "quant")
+    "summary.json", RUN_FILE, "checkpoints", "backup", "logs", "teacher_cache", "image_cache",
+    "quant")
 
 
 def check_writable_dir(path, flag):
