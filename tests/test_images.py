@@ -205,7 +205,9 @@ def test_a_corrupt_image_body_is_found_and_named(tmp_path, small_data):
         data_lib.locate_undecodable(images)
 
 
-def test_image_caches_give_the_streamed_batches(folder, tmp_path):
+def test_image_caches_give_the_streamed_batches(folder, tmp_path, monkeypatch):
+    from knowledge_distillation.data import pipeline
+
     root, _ = folder
     data = load_data(str(root))
     view = ImageView((24, 24), channels=1)
@@ -215,10 +217,15 @@ def test_image_caches_give_the_streamed_batches(folder, tmp_path):
     assert in_memory.shape == (120, 24, 24, 1) and in_memory.dtype == np.uint8
     on_disk = data_lib.cached_images(data.x_train, view, "disk", str(tmp_path), "train")
     assert isinstance(on_disk, np.memmap)
-    for cached in (in_memory, on_disk):
+    def same(cached):
         got = _batches(make_dataset(cached, data.y_train, 32, shuffle=True, seed=3, view=view))
         np.testing.assert_array_equal(got[0], streamed[0])
         np.testing.assert_array_equal(got[1], streamed[1])
+
+    same(in_memory)  # a tensor copy (small)
+    same(on_disk)  # read per batch from the memory map
+    monkeypatch.setattr(pipeline, "NUMPY_READ_BYTES", 0)
+    same(in_memory)  # read per batch by NumPy (large arrays)
     stamp = os.path.getmtime(tmp_path / "train.npy")
     time.sleep(0.01)
     again = data_lib.cached_images(data.x_train, view, "disk", str(tmp_path), "train")
