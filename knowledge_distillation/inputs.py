@@ -20,6 +20,8 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
+
 from knowledge_distillation import compat
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import models
@@ -53,8 +55,8 @@ class RunInputs:
 
 
 def streams(data):
-    """Whether `data`'s training images are image files (streamed) rather than arrays."""
-    return isinstance(data.x_train, data_lib.ImageFiles)
+    """Whether `data`'s training images stream (image files, a large tfds split), not arrays."""
+    return not isinstance(data.x_train, np.ndarray)
 
 
 def _user_model_size(config):
@@ -85,6 +87,10 @@ def prepare_inputs(config):
                     if cfg.teacher_image_size else view)
     input_shape = data_lib.model_input_shape(raw, view)
     teacher_shape = data_lib.model_input_shape(raw, teacher_view, "--teacher_image_size H,W")
+    # The colour mode is the whole split's, fixed here: a chunk or sample of
+    # the files must not guess its own (an all-gray subset of a mixed folder).
+    view = dataclasses.replace(view, channels=input_shape[2])
+    teacher_view = dataclasses.replace(teacher_view, channels=teacher_shape[2])
     for flag, name, user in (("--student", cfg.student, cfg.student_model),
                              ("--teacher", cfg.teacher, cfg.teacher_model)):
         wanted = models.RESCALES_ITSELF.get(name)
@@ -99,10 +105,11 @@ def prepare_inputs(config):
                            cfg.cache_images, raw.name)
         else:
             cache_dir = os.path.join(cfg.output_dir, "image_cache")
-            data = dataclasses.replace(raw, **{
-                f"x_{split}": data_lib.cached_images(getattr(raw, f"x_{split}"), view,
-                                                     cfg.cache_images, cache_dir, split)
-                for split in ("train", "test")})
+            with data_lib.naming_undecodable(raw):
+                data = dataclasses.replace(raw, **{
+                    f"x_{split}": data_lib.cached_images(getattr(raw, f"x_{split}"), view,
+                                                         cfg.cache_images, cache_dir, split)
+                    for split in ("train", "test")})
     teacher_data = data if teacher_view == view else raw
     logger.info(
         "data: %s, %d training and %d test images (%s), model input %s%s, preprocessing %s, "
@@ -116,12 +123,11 @@ def prepare_inputs(config):
 def model_metadata(model, view, class_names=None):
     """What a saved model's user needs to feed it; stored inside the file (`util.files`)."""
     return {"preprocessing": view.preprocessing, "interpolation": view.interpolation,
-            "input_shape": [int(d) for d in model.input_shape[1:]],
+            "input_shape": [None if d is None else int(d) for d in model.input_shape[1:]],
             "class_names": list(class_names or []) or None, "stack": compat.STACK}
 
 
 def teacher_view_version(teacher_view):
     """The teacher cache's preprocessing version: its view and the converter's source digest."""
     described = json.dumps(teacher_view.describe(), sort_keys=True, default=list)
-    converter = teacher_cache.preprocessing_fingerprint(data_lib.convert_images)
-    return f"{teacher_cache.PREPROCESSING_VERSION}|{described}|{converter}"
+    return f"{teacher_cache.PREPROCESSING_VERSION}|{described}|{data_lib.conversion_digest()}"

@@ -344,10 +344,8 @@ class Trainer:
         except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
             # A corrupt image body fails where TensorFlow decodes it, without
             # the file's name: find the file and name it.
-            for split in (getattr(self, "raw_data", None) and
-                          (self.raw_data.x_train, self.raw_data.x_test)) or ():
-                if isinstance(split, data_lib.ImageFiles):
-                    data_lib.locate_undecodable(split)
+            if getattr(self, "raw_data", None) is not None:
+                data_lib.locate_undecodable_in(self.raw_data)
             raise
         finally:
             self.folder.release()

@@ -370,7 +370,10 @@ def prepared_tfds(tmp_path_factory, real):
                 for i, (image, label) in enumerate(zip(images, labels)):
                     yield i, {"image": image, "label": int(label)}
 
-    KdFashionSlice(data_dir=str(data_dir)).download_and_prepare()
+    # Several shards: tfds interleaves shard files when it reads, and a
+    # streamed split must still read example p at position p.
+    KdFashionSlice(data_dir=str(data_dir)).download_and_prepare(
+        download_config=tfds.download.DownloadConfig(num_shards=4))
     return data_dir
 
 
@@ -410,9 +413,13 @@ def test_a_tfds_split_over_the_memory_budget_streams_from_its_files(prepared_tfd
     assert len(pairs) == len(order) and all(order[x] == y for x, y in pairs)
     assert [y for _, y in pairs] != list(whole.y_train)
     # A slice (the teacher cache's chunks, the quantizer's sample) reads just those examples.
-    part = streamed.x_train[np.array([3, 4, 10, 50])]
-    got = np.concatenate([x.numpy() for x, _ in make_dataset(part, np.zeros(4, np.int64), 8)])
-    np.testing.assert_array_equal(got, preprocess(whole.x_train[[3, 4, 10, 50]]).numpy())
+    part = streamed.x_train[np.array([3, 4, 10, 50, 120, 190])]
+    got = np.concatenate([x.numpy() for x, _ in make_dataset(part, np.zeros(6, np.int64), 8)])
+    np.testing.assert_array_equal(got, preprocess(whole.x_train[[3, 4, 10, 50, 120, 190]]).numpy())
+    for begin in (0, 57, 150):  # chunks, as the teacher cache reads them
+        chunk = streamed.x_train[begin:begin + 43]
+        got = np.concatenate([x.numpy() for x, _ in make_dataset(chunk, np.zeros(len(chunk)), 16)])
+        np.testing.assert_array_equal(got, preprocess(whole.x_train[begin:begin + 43]).numpy())
     teacher = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
                                 keras.layers.Dense(3)])
     assert cache_key(teacher, streamed.x_train, preprocess)["images"]["files"] != \

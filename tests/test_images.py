@@ -236,6 +236,36 @@ def test_image_caches_give_the_streamed_batches(folder, tmp_path, monkeypatch):
     assert other.shape == (120, 20, 20, 1)  # another size: decoded again
 
 
+def test_a_runs_colour_mode_is_the_whole_folders_and_cached_chunks_stay_aligned(tmp_path,
+                                                                                small_data):
+    """Gray files first, colour later: a chunk of gray files is still fed as colour."""
+    from knowledge_distillation import models
+    from knowledge_distillation.config import TrainConfig
+    from knowledge_distillation.inputs import prepare_inputs
+    from knowledge_distillation.kd.teacher_cache import teacher_outputs
+
+    root = tmp_path / "mixed"
+    for split, count in (("train", 30), ("test", 6)):
+        for i in range(count):
+            kind = "gray" if i < 20 else "rgb"
+            write_image(str(root / split / f"c{i % 3}" / f"{i:03d}.png"),
+                        mode(small_data.x_train[i], kind))
+    inputs = prepare_inputs(TrainConfig(data_path=str(root), image_size=(24, 24),
+                                        output_dir=str(tmp_path / "out")))
+    assert inputs.input_shape == (24, 24, 3) and inputs.view.channels == 3
+    assert inputs.teacher_view.channels == 3
+    files = inputs.data.x_train
+    teacher = models.build_model("seed_student", (24, 24, 3), 3, seed=0)
+
+    def predict(x):
+        ds = make_dataset(x, np.zeros(len(x), np.int64), 8, view=inputs.view)
+        return np.concatenate([teacher(images).numpy() for images, _ in ds])
+
+    whole = predict(files)
+    chunked = teacher_outputs(teacher, files, predict, chunk_examples=7)
+    np.testing.assert_allclose(chunked.array, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_teacher_view_is_a_second_copy_of_the_same_images(folder):
     root, _ = folder
     data = load_data(str(root))

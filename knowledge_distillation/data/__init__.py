@@ -27,13 +27,16 @@ from knowledge_distillation.data.base import DataError, ImageData
 from knowledge_distillation.data.cache import cached_images
 from knowledge_distillation.data.folders import (
     check_labels_below, is_flat_image_folder, load_flat_folder)
-from knowledge_distillation.data.images import ImageFiles, locate_undecodable
-from knowledge_distillation.data.loading import load_data, model_input_shape
+from knowledge_distillation.data.images import (
+    ImageFiles, conversion_digest, locate_undecodable, locate_undecodable_in, naming_undecodable)
+from knowledge_distillation.data.loading import has_mnist_files, load_data, model_input_shape
 from knowledge_distillation.data.mnist import IDX_FILES, NPZ_FILE, TFDS_PREFIX
 from knowledge_distillation.data.pipeline import (
     INTERPOLATIONS, PREPROCESSINGS, ImageView, convert_images, make_dataset, preprocess)
 
-__all__ = ["cached_images", "check_labels_below", "DataError", "is_flat_image_folder", "IDX_FILES", "INTERPOLATIONS", "ImageData", "ImageFiles", "ImageView",
+__all__ = ["cached_images", "check_labels_below", "conversion_digest", "DataError",
+           "has_mnist_files", "is_flat_image_folder", "locate_undecodable_in",
+           "naming_undecodable", "IDX_FILES", "INTERPOLATIONS", "ImageData", "ImageFiles", "ImageView",
            "NPZ_FILE", "PREPROCESSINGS", "TFDS_PREFIX", "convert_images", "load_data",
            "load_flat_folder", "locate_undecodable", "make_dataset", "model_input_shape",
            "preprocess"]

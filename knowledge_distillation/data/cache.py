@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from knowledge_distillation.data.images import ImageFiles
+from knowledge_distillation.data.images import conversion_digest
 from knowledge_distillation.data.pipeline import read_images
 from knowledge_distillation.util.files import atomic_path, write_json_atomic
 
@@ -27,6 +27,7 @@ CACHE_FORMAT = 1
 def _key(files, view):
     resize = {k: v for k, v in view.describe().items() if k != "preprocessing"}
     return {"format": CACHE_FORMAT, "files": files.fingerprint(), "count": len(files),
+            "code": conversion_digest(),
             "view": {k: list(v) if isinstance(v, tuple) else v for k, v in resize.items()}}
 
 
@@ -34,7 +35,7 @@ def cached_images(files, view, where, cache_dir=None, name="train"):
     """The images of `files` through `view` (resized, converted; not scaled), as uint8 `(N, H, W, C)`.
 
     Args:
-        files: `ImageFiles`.
+        files: `ImageFiles` or a streamed tfds split (arrays are returned as they are).
         view: the run's `ImageView`; its size must be fixed (set or common).
         where: "memory" or "disk".
         cache_dir: the folder of `disk` caches.
@@ -43,7 +44,7 @@ def cached_images(files, view, where, cache_dir=None, name="train"):
     Returns:
         A NumPy array (memory) or a read-only memmap (disk).
     """
-    if not isinstance(files, ImageFiles):
+    if isinstance(files, np.ndarray):
         return files
     view = dataclasses.replace(view, channels=view.channels or files.channels)
     shape = (len(files),) + tuple(view.output_shape(files.shape[1:]))

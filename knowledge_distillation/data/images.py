@@ -15,6 +15,7 @@ header is sound but whose pixel data is corrupt fails only when TensorFlow
 decodes it; `locate_undecodable` then finds and names it.
 """
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -213,6 +214,40 @@ def decode_file(path):
                                dtype=tf.uint8)
     image.set_shape([None, None, None])
     return image
+
+
+def locate_undecodable_in(data):
+    """`locate_undecodable` on each split of an `ImageData` that is image files."""
+    for split in (data.x_train, data.x_test):
+        if isinstance(split, ImageFiles):
+            locate_undecodable(split)
+
+
+@contextlib.contextmanager
+def naming_undecodable(data):
+    """Turns TensorFlow's decode error inside the block into a `DataError` naming the file."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except (tf.errors.InvalidArgumentError, tf.errors.DataLossError):
+        locate_undecodable_in(data)
+        raise
+
+
+def conversion_digest():
+    """Digest of the code that turns files into pixels (this module and the pipeline's).
+
+    Part of the image and teacher cache keys: editing the decoding, colour
+    conversion or resizing invalidates them.
+    """
+    from knowledge_distillation.data import pipeline
+
+    h = hashlib.blake2b(digest_size=8)
+    for module in (__file__, pipeline.__file__):
+        with open(module, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def locate_undecodable(files):

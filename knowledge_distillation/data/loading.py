@@ -11,7 +11,7 @@ from knowledge_distillation.data.mnist import (
 from knowledge_distillation.data.tfds import _load_tfds
 
 
-def _has_mnist_files(data_path):
+def has_mnist_files(data_path):
     names = [NPZ_FILE] + [stem + ext for stem in IDX_FILES.values() for ext in ("", ".gz")]
     return any(os.path.isfile(os.path.join(data_path, name)) for name in names)
 
@@ -89,7 +89,7 @@ def load_data(
                             "list for training and one for testing")
         return folders.load_label_lists(data_path, labels_file, test_labels_file,
                                         train_size, test_size)
-    if os.path.isdir(data_path) and not _has_mnist_files(data_path) and \
+    if os.path.isdir(data_path) and not has_mnist_files(data_path) and \
             folders.has_class_folders(data_path):
         return folders.load_class_folders(data_path, train_size, test_size)
     return _load_mnist_format(data_path, train_size, test_size)
@@ -110,7 +110,11 @@ def model_input_shape(data, view, flag_hint="--image_size H,W"):
                 f"{first_size[0]}x{first_size[1]}; expected one size for all, or give "
                 f"{flag_hint} to resize every image")
     shape = view.output_shape(tuple(data.x_train.shape[1:]))
-    test_shape = view.output_shape(tuple(data.x_test.shape[1:]))
+    # The test images take the training images' colour mode.
+    test_shape = view.output_shape(tuple(data.x_test.shape[1:3]) + (shape[2],))
+    if None in shape[:2]:
+        raise DataError(f"{data.x_train}: images of varying size; expected one size for all, "
+                        f"or give {flag_hint} to resize every image")
     if shape != test_shape:
         raise DataError(
             f"test images of shape {test_shape} through the view; expected {shape} like the "

@@ -66,7 +66,8 @@ class ImageView:
         height, width, channels = stored_shape
         if self.image_size is not None:
             height, width = self.image_size
-        return (height, width, self.channels or channels)
+        # Alpha is dropped (convert_images): RGBA -> RGB, gray+alpha -> gray.
+        return (height, width, self.channels or {4: 3, 2: 1}.get(channels, channels))
 
     def describe(self):
         return dataclasses.asdict(self)
@@ -253,8 +254,9 @@ def make_dataset(
         if shuffle:
             pairs = pairs.shuffle(min(n, STREAM_SHUFFLE_BUFFER), seed=seed,
                                   reshuffle_each_iteration=True)
-        ds = pairs.map(lambda image, i: (tuple(convert_images(image, v) for v in views), i),
-                       num_parallel_calls=tf.data.AUTOTUNE)
+        ds = pairs.map(
+            lambda encoded, i: (tuple(convert_images(x.decode(encoded), v) for v in views), i),
+            num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     else:
         indices = tf.data.Dataset.range(n)
@@ -291,7 +293,7 @@ def read_images(x, view, batch_size=256):
     if isinstance(x, ImageFiles):
         view = dataclasses.replace(view, channels=view.channels or x.channels)
     if hasattr(x, "stream"):
-        batches = x.stream().map(lambda image, i: ((convert_images(image, view),), i))
+        batches = x.stream().map(lambda encoded, i: ((convert_images(x.decode(encoded), view),), i))
         batches = batches.batch(batch_size)
     else:
         batches = _converted_batches(x, tf.data.Dataset.range(len(x)), [view], batch_size, False)

@@ -47,7 +47,10 @@ class TfdsImages:
         self.builder = builder
         self.split = split
         self.image_shape = tuple(shape)
-        self.positions = np.asarray(positions, np.int64)
+        self.positions = np.asarray(positions, np.int64).reshape(-1)
+        if len(self.positions) > 1 and not (np.diff(self.positions) > 0).all():
+            raise ValueError("TfdsImages positions must be increasing and unique (a streamed "
+                             "split is read in file order)")
 
     def __len__(self):
         return len(self.positions)
@@ -72,13 +75,28 @@ class TfdsImages:
         h.update(self.positions.tobytes())
         return h.hexdigest()
 
+    @property
+    def channels(self):
+        return self.image_shape[-1]
+
+    def decode(self, encoded):
+        """The uint8 image of one encoded example (`stream` yields them undecoded)."""
+        return self.builder.info.features["image"].decode_example(encoded)
+
     def stream(self):
-        """`tf.data.Dataset` of `(uint8 image, i)` for i = 0..len-1, in order."""
+        """`tf.data.Dataset` of `(encoded image, i)` for i = 0..len-1, in the split's order.
+
+        The images stay encoded (a shuffle buffer then holds bytes, not pixels);
+        `decode` decodes one. Shards are read one after the other (no
+        interleaving), so position p is the split's example p in every slice.
+        """
         import tensorflow as tf
 
         begin = int(self.positions[0]) if len(self) else 0
         end = int(self.positions[-1]) + 1 if len(self) else 0
-        images = self.builder.as_dataset(split=f"{self.split}[{begin}:{end}]", shuffle_files=False)
+        images = self.builder.as_dataset(split=f"{self.split}[{begin}:{end}]", shuffle_files=False,
+                                         decoders=_skip_image_decoding(),
+                                         read_config=_in_order())
         images = images.map(lambda example: example["image"])
         keep = np.zeros(end - begin, bool)
         keep[self.positions - begin] = True
@@ -94,12 +112,25 @@ class TfdsImages:
         return f"TfdsImages({self.builder.name}[{self.split}], {len(self)} examples)"
 
 
+def _skip_image_decoding():
+    import tensorflow_datasets as tfds
+
+    return {"image": tfds.decode.SkipDecoding()}
+
+
+def _in_order():
+    """Shards read one after the other: tfds interleaves 16 by default, even unshuffled."""
+    import tensorflow_datasets as tfds
+
+    return tfds.ReadConfig(interleave_cycle_length=1)
+
+
 def _labels_in_order(builder, spec):
     """The labels of a split, in file order, read without decoding the images."""
     import tensorflow_datasets as tfds
 
-    ds = builder.as_dataset(split=spec, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    ds = builder.as_dataset(split=spec, shuffle_files=False, decoders=_skip_image_decoding(),
+                            read_config=_in_order())
     return np.asarray([int(v) for v in tfds.as_numpy(ds.map(lambda e: e["label"]))], np.int64)
 
 
@@ -156,14 +187,18 @@ def _load_tfds(name, data_dir, train_size, test_size,
         source = f"{where}[{split}]"
         count = available if size is None else size
         shape = tuple(features["image"].shape)
-        if None not in shape and count * int(np.prod(shape)) > memory_budget_bytes:
-            logger.info("%s: %d images of shape %s exceed the %d-MB memory budget: they stream "
-                        "from the files (shuffled through a %d-example buffer)", source, count,
-                        shape, memory_budget_bytes >> 20, STREAM_SHUFFLE_BUFFER)
+        varying = None in shape[:2]
+        if varying or count * int(np.prod(shape)) > memory_budget_bytes:
+            logger.info("%s: %d images of shape %s %s: they stream from the files (shuffled "
+                        "through a %d-example buffer of encoded images)", source, count, shape,
+                        "vary in size" if varying else
+                        f"exceed the {memory_budget_bytes >> 20}-MB memory budget",
+                        STREAM_SHUFFLE_BUFFER)
             images = TfdsImages(builder, split, shape, np.arange(count))
             labels = _check_labels(_labels_in_order(builder, spec), source, count, source)
         else:
-            batch = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1))
+            batch = tfds.as_numpy(builder.as_dataset(split=spec, batch_size=-1,
+                                                     read_config=_in_order()))
             images = _check_images(batch["image"], source)
             labels = _check_labels(batch["label"], source, len(images), source)
         if labels.max() >= num_classes:

@@ -212,28 +212,30 @@ def _run(config, output_dir):
         source = config.labels_file or config.data_path
         data_lib.check_labels_below(data.y_test, model.output_shape[-1], source,
                                     f"the {model.output_shape[-1]} outputs of {config.model}")
-    return quantize_into(
-        output_dir, model, data,
-        summary_extra={"config": dataclasses.asdict(config)},
-        name=config.name or model.name,
-        batch_size=config.batch_size,
-        calibration_size=config.calibration_size,
-        config_text=config_text,
-        config_source=config.config_defination or "<config>",
-        epochs=config.epochs,
-        max_input_drift=config.max_input_drift,
-        seed=config.seed,
-        num_parallel_reads=config.num_parallel_reads,
-        activation_dtype=config.deploy_activation_dtype,
-        view=view,
-    )
+    with data_lib.naming_undecodable(data):
+        return quantize_into(
+            output_dir, model, data,
+            summary_extra={"config": dataclasses.asdict(config)},
+            name=config.name or model.name,
+            batch_size=config.batch_size,
+            calibration_size=config.calibration_size,
+            config_text=config_text,
+            config_source=config.config_defination or "<config>",
+            epochs=config.epochs,
+            max_input_drift=config.max_input_drift,
+            seed=config.seed,
+            num_parallel_reads=config.num_parallel_reads,
+            activation_dtype=config.deploy_activation_dtype,
+            view=view,
+        )
 
 
 def _load_data(config, data_lib):
     """The labelled split pair, or one folder of images (labelled by --labels_file, or not)."""
     path = config.data_path
     flat = config.labels_file or (
-        config.dataset is None and os.path.isdir(path) and data_lib.is_flat_image_folder(path))
+        config.dataset is None and os.path.isdir(path) and not data_lib.has_mnist_files(path)
+        and data_lib.is_flat_image_folder(path))
     if flat:
         if config.dataset:
             raise ValueError(f"--labels_file names an image list; --dataset {config.dataset} "
