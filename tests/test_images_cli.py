@@ -145,9 +145,12 @@ def test_a_teacher_at_its_own_resolution_per_step_and_cached(folder, tmp_path):
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["data"]["teacher_input_shape"] == [48, 48, 3]
     assert summary["data"]["input_shape"] == [32, 32, 3]
-    # The teacher scores the same on its 48x48 copies in both runs.
+    # Same teacher signal both ways: logits cached from the files at 48x48 line up with
+    # the per-step teacher's 48x48 copy of each batch, so the distilled students agree.
     first = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert summary["teacher"]["accuracy"] == first["teacher"]["accuracy"]
+    assert summary["distilled"]["loss"] == pytest.approx(first["distilled"]["loss"], abs=1e-4)
+    assert summary["distilled"]["accuracy"] == first["distilled"]["accuracy"]
     key = json.loads((tmp_path / "b" / "teacher_cache" / "teacher_logits.key.json").read_text())
     assert "files" in key["images"] and '"image_size": [48, 48]' in key["preprocessing"]
 
