@@ -79,7 +79,6 @@ def write_folder(root, count, size, data):
 
 
 def throughput(root):
-    import numpy as np
     import tensorflow as tf
 
     from knowledge_distillation import data as data_lib
