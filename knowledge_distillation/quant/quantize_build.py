@@ -109,7 +109,7 @@ class QuantizedModel:
                 tensors[node.outputs[0]] = tensors[node.inputs[0]]
                 continue
             clone = _clone_layer(layer)
-            args, kwargs = node.keras_node.arguments.fill_in(tensors)
+            args, kwargs = node.fill_in(tensors)
             outputs = clone(*args, **kwargs)
             for tensor_id, out in zip(node.outputs, keras.tree.flatten(outputs)):
                 tensors[tensor_id] = out

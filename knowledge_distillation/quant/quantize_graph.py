@@ -53,14 +53,25 @@ class GraphNode:
         output_shapes: shapes of the outputs.
     """
 
-    def __init__(self, name, layer, keras_node):
+    def __init__(self, name, layer, keras_node, id_map=None):
+        id_map = id_map or {}
         self.name = name
         self.layer = layer
         self.keras_node = keras_node
-        self.inputs = [id(t) for t in keras_node.input_tensors]
-        self.outputs = [id(t) for t in keras_node.output_tensors]
+        self._raw_inputs = [id(t) for t in keras_node.input_tensors]
+        self.inputs = [id_map.get(i, i) for i in self._raw_inputs]
+        self.outputs = [id_map.get(id(t), id(t)) for t in keras_node.output_tensors]
         self.input_shapes = [tuple(t.shape) for t in keras_node.input_tensors]
         self.output_shapes = [tuple(t.shape) for t in keras_node.output_tensors]
+
+    def fill_in(self, values):
+        """The call's `(args, kwargs)` with `values[tensor id]` for its tensors.
+
+        The ids are the graph's (a layer of a nested model has its own
+        Keras tensors, mapped to the graph's at the nested model's edges).
+        """
+        raw = {r: values[i] for r, i in zip(self._raw_inputs, self.inputs)}
+        return self.keras_node.arguments.fill_in(raw)
 
     @property
     def type_name(self):
@@ -98,23 +109,48 @@ class Graph:
         self.output_tensor = functional.outputs[0]
         self.input_id = id(self.input_tensor)
         self.output_id = id(self.output_tensor)
+        self._add_nodes(functional, {}, model.name)
+        self.index = {node.name: i for i, node in enumerate(self.nodes)}
+
+    def _add_nodes(self, functional, id_map, where):
+        """Adds the layer calls of `functional`, inlining nested models.
+
+        A nested functional or sequential model with one input and one
+        output (ConvNeXt's stem, a user's backbone) is replaced by its own
+        layers: `id_map` maps its input and output tensors to the ids of the
+        tensors it is called on and returns.
+        """
         for depth in sorted(functional._nodes_by_depth, reverse=True):
             for keras_node in functional._nodes_by_depth[depth]:
                 if keras_node.is_input:
                     continue
                 layer = keras_node.operation
+                inner = _nested_functional(layer)
+                if inner is not None and len(keras_node.input_tensors) == 1 \
+                        and len(keras_node.output_tensors) == 1:
+                    (outer_in,), (outer_out,) = keras_node.input_tensors, keras_node.output_tensors
+                    inner_map = {
+                        id(inner.inputs[0]): id_map.get(id(outer_in), id(outer_in)),
+                        id(inner.outputs[0]): id_map.get(id(outer_out), id(outer_out)),
+                    }
+                    if inner.inputs[0] is inner.outputs[0]:
+                        raise ValueError(
+                            f"nested model {layer.name!r} returns its input unchanged; "
+                            "remove it from the model before quantizing")
+                    self._add_nodes(inner, inner_map, f"{where}/{layer.name}")
+                    continue
                 if layer.name in self.by_name:
                     raise ValueError(
-                        f"layer {layer.name!r} is called more than once in model "
-                        f"{model.name!r}; the quantizer needs each layer called once")
-                node = GraphNode(layer.name, layer, keras_node)
+                        f"layer name {layer.name!r} is called more than once or used twice "
+                        f"in model {self.model.name!r} (seen again in {where}); the "
+                        "quantizer needs each layer called once under a unique name")
+                node = GraphNode(layer.name, layer, keras_node, id_map)
                 self.nodes.append(node)
                 self.by_name[node.name] = node
                 for tensor_id in node.outputs:
                     self.producer[tensor_id] = node.name
                 for tensor_id in node.inputs:
                     self.consumers[tensor_id].append(node.name)
-        self.index = {node.name: i for i, node in enumerate(self.nodes)}
 
     def node(self, name, what="layer"):
         if name not in self.by_name:
@@ -161,6 +197,21 @@ class Graph:
             node = nxt
             path.append(node.name)
         return path
+
+
+def _nested_functional(layer):
+    """The functional graph of a nested functional/sequential model, or None."""
+    if not isinstance(layer, keras.Model):
+        return None
+    if isinstance(layer, keras.Sequential):
+        functional = getattr(layer, "_functional", None)
+    elif hasattr(layer, "_nodes_by_depth") and getattr(layer, "inputs", None):
+        functional = layer
+    else:
+        return None
+    if functional is None or len(functional.inputs) != 1 or len(functional.outputs) != 1:
+        return None
+    return functional
 
 
 def _functional_of(model):

@@ -114,6 +114,12 @@ def splice_tf_function(b, fn, inputs, shapes, prefix, dtypes=None):
         new.name = b.unique(prefix + init.name)
         rename[init.name] = new.name
         b.initializers.append(new)
+    # tf2onnx does not always list its nodes in topological order: name
+    # every output first.
+    for onnx_node in graph.node:
+        for name in onnx_node.output:
+            if name:
+                rename[name] = b.unique(prefix + name)
     for onnx_node in graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
                for a in onnx_node.attribute):
@@ -123,9 +129,7 @@ def splice_tf_function(b, fn, inputs, shapes, prefix, dtypes=None):
         del new.input[:]
         del new.output[:]
         new.input.extend(rename[name] if name else "" for name in onnx_node.input)
-        for name in onnx_node.output:
-            rename[name] = b.unique(prefix + name) if name else ""
-            new.output.append(rename[name])
+        new.output.extend(rename[name] if name else "" for name in onnx_node.output)
         new.name = b.unique(prefix + (onnx_node.name or onnx_node.op_type))
         b.nodes.append(new)
     for opset in proto.opset_import:
@@ -139,8 +143,7 @@ def fallback(b, node, mode, reason):
     layer = node.layer
 
     def fn(*xs):
-        args, kwargs = node.keras_node.arguments.fill_in(
-            {id(t): x for t, x in zip(tensors, xs)})
+        args, kwargs = node.fill_in(dict(zip(node.inputs, xs)))
         return layer(*args, **kwargs)
 
     inputs = [b.get(tensor_id, KERAS) for tensor_id in node.inputs]

@@ -11,6 +11,15 @@ import keras
 import numpy as np
 from onnx import TensorProto
 
+try:  # the classes of keras.ops calls on symbolic tensors (`x + 3.0`)
+    from keras.src.ops import numpy as keras_numpy_ops
+except ImportError:  # pragma: no cover - a Keras without that module
+    keras_numpy_ops = None
+try:
+    from keras.src.applications.convnext import LayerScale
+except ImportError:  # pragma: no cover
+    LayerScale = None
+
 from knowledge_distillation.quant import quantize_graph
 from knowledge_distillation.quant.quantize_layers import QuantizedLayer
 from knowledge_distillation.quant.quantize_onnx_builder import (
@@ -371,6 +380,79 @@ def _h_rescaling(b, node, mode):
     b.set(node.outputs[0], y, KERAS, len(node.output_shapes[0]))
 
 
+def _h_normalization(b, node, mode):
+    layer = node.layer
+    rank = len(node.input_shapes[0])
+    mean = np.asarray(keras.ops.convert_to_numpy(layer.mean), np.float32)
+    variance = np.asarray(keras.ops.convert_to_numpy(layer.variance), np.float32)
+    if mean.ndim != rank:
+        raise Unsupported("Normalization statistics not in the input's broadcast shape")
+    std = np.maximum(np.sqrt(variance), np.float32(keras.backend.epsilon())).astype(np.float32)
+    x = b.get(node.inputs[0], KERAS)
+    name = node.name
+    if layer.invert:
+        y = b.op("Mul", [x, b.const(f"{name}/std", std)], f"{name}/mul")
+        y = b.op("Add", [y, b.const(f"{name}/mean", mean)], name)
+    else:
+        y = b.op("Sub", [x, b.const(f"{name}/mean", mean)], f"{name}/sub")
+        y = b.op("Div", [y, b.const(f"{name}/std", std)], name)
+    b.set(node.outputs[0], y, KERAS, rank)
+
+
+def _h_layer_norm(b, node, mode):
+    layer = node.layer
+    shape = node.input_shapes[0]
+    rank = len(shape)
+    axes = sorted(int(a) % rank for a in np.atleast_1d(layer.axis))
+    if axes != list(range(axes[0], rank)) or getattr(layer, "rms_scaling", False):
+        raise Unsupported("LayerNormalization over axes other than the last ones, or RMS scaling")
+    norm_shape = tuple(shape[axes[0]:])
+    scale = layer.gamma.numpy() if layer.scale else np.ones(norm_shape, np.float32)
+    shift = layer.beta.numpy() if layer.center else np.zeros(norm_shape, np.float32)
+    x = b.get(node.inputs[0], KERAS)
+    y = b.op("LayerNormalization",
+             [x, b.const(f"{node.name}/gamma", np.reshape(scale, norm_shape).astype(np.float32)),
+              b.const(f"{node.name}/beta", np.reshape(shift, norm_shape).astype(np.float32))],
+             node.name, axis=axes[0], epsilon=float(layer.epsilon))
+    b.set(node.outputs[0], y, KERAS, rank)
+
+
+def _h_channel_scale(b, node, mode):
+    """`x * gamma` with one factor per channel (ConvNeXt's LayerScale)."""
+    gamma = np.asarray(node.layer.gamma.numpy(), np.float32)
+    rank = len(node.input_shapes[0])
+    if gamma.shape != (node.input_shapes[0][-1],):
+        raise Unsupported("scale is not one factor per channel")
+    layout = _elementwise_layout(b, node)
+    if layout == NCHW:
+        gamma = gamma.reshape(1, -1, 1, 1)
+    x = b.get(node.inputs[0], layout)
+    b.set(node.outputs[0], b.op("Mul", [x, b.const(f"{node.name}/gamma", gamma)], node.name),
+          layout, rank)
+
+
+def _h_ops_binary(op_type):
+    """A `keras.ops` binary call (`x + y`, `x * 3.0` in a functional model)."""
+    def handler(b, node, mode):
+        arguments = node.keras_node.arguments
+        if arguments.kwargs or len(arguments.args) != 2:
+            raise Unsupported("not a call on two operands")
+        ids = dict(zip(node._raw_inputs, node.inputs))
+        tensors = [a for a in arguments.args if isinstance(a, keras.KerasTensor)]
+        if any(keras.backend.standardize_dtype(t.dtype) != "float32" for t in tensors):
+            raise Unsupported("operands are not float32")
+        constants = [np.asarray(a, np.float32) for a in arguments.args
+                     if not isinstance(a, keras.KerasTensor)]
+        ranks = {len(t.shape) for t in tensors}
+        layout = NCHW if ranks == {4} and all(c.ndim == 0 for c in constants) else KERAS
+        inputs = [b.get(ids[id(a)], layout) if isinstance(a, keras.KerasTensor)
+                  else b.const(f"{node.name}/constant", np.asarray(a, np.float32))
+                  for a in arguments.args]
+        b.set(node.outputs[0], b.op(op_type, inputs, node.name), layout,
+              len(node.output_shapes[0]))
+    return handler
+
+
 def _h_identity(b, node, mode):
     name, layout, rank = b.values[node.inputs[0]]
     b.set(node.outputs[0], name, layout, rank)
@@ -404,6 +486,14 @@ HANDLERS = {
     keras.layers.Rescaling: _h_rescaling,
     keras.layers.Identity: _h_identity,
 }
+HANDLERS[keras.layers.Normalization] = _h_normalization
+HANDLERS[keras.layers.LayerNormalization] = _h_layer_norm
 for _cls in quantize_graph.TRAINING_ONLY_TYPES:
     HANDLERS[_cls] = _h_identity
+for _name, _op_type in (("Add", "Add"), ("Subtract", "Sub"), ("Multiply", "Mul"),
+                        ("Divide", "Div"), ("TrueDivide", "Div")):
+    if hasattr(keras_numpy_ops, _name):
+        HANDLERS[getattr(keras_numpy_ops, _name)] = _h_ops_binary(_op_type)
+if LayerScale is not None:
+    HANDLERS[LayerScale] = _h_channel_scale
 
