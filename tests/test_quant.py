@@ -65,7 +65,8 @@ def trained(data):
 @pytest.fixture(scope="module")
 def int8_run(trained, data, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("int8"))
-    return out, quantize_model(trained, data, out, name="net", calibration_size=512, epochs=1)
+    return out, quantize_model(trained, data, out, name="net", calibration_size=512, epochs=1,
+                               deploy_format="integer")
 
 
 def test_int8_keeps_float_accuracy_and_onnx_reproduces_tf(int8_run):
@@ -107,7 +108,7 @@ def test_saving_again_from_the_record_reproduces_the_onnx_models(int8_run, train
     config = DistillConfig.load(paths["config"])
     qmodel = create_quant_model(trained, config)
     qmodel.apply_record(load_record(paths["record"]))
-    again = save_quant_model(qmodel, str(tmp_path), "net")
+    again = save_quant_model(qmodel, str(tmp_path), "net", deploy_format="integer")
     assert filecmp.cmp(again["record"], paths["record"], shallow=False)
     for key in ("fake_quant_model", "deploy_model"):
         assert filecmp.cmp(again[key], paths[key], shallow=False), key

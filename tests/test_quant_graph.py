@@ -149,11 +149,32 @@ def test_graph_errors():
         Graph(keras.Model(inputs, shared(shared(inputs))))
 
 
-def test_unsupported_weighted_layers_are_reported():
+class _Plain(layers.Conv2D):
+    pass
+
+
+class _Scaled(layers.Dense):
+    def call(self, inputs):
+        return super().call(inputs) * 0.5
+
+
+def test_layers_are_quantized_by_capability_and_float_ones_have_a_reason():
     inputs = keras.Input((8, 8, 2))
     x = layers.SeparableConv2D(4, 3, name="sep")(inputs)
-    x = layers.Conv2D(4, 3, name="conv")(x)
-    outputs = layers.Dense(2, name="logits")(layers.Flatten()(x))
+    x = _Plain(4, 3, name="plain")(x)  # a subclass that computes the same: quantized
+    x = layers.Conv2DTranspose(4, 3, strides=2, name="up")(x)
+    x = layers.Reshape((-1, 4), name="seq")(x)
+    x = layers.Conv1D(4, 3, padding="causal", name="c1")(x)
+    x = layers.EinsumDense("abc,cd->abd", output_shape=(None, 4), name="proj")(x)
+    x = layers.EinsumDense("abc,cde->abde", output_shape=(None, 2, 2), name="heads")(x)
+    x = layers.GlobalAveragePooling1D(name="pool")(layers.Reshape((-1, 4), name="flat")(x))
+    x = _Scaled(3, name="scaled")(x)
+    outputs = layers.Dense(2, name="logits")(x)
     units, _, unsupported = find_units(Graph(keras.Model(inputs, outputs)))
-    assert [u.head for u in units] == ["conv", "logits"]
-    assert unsupported == {"sep": "SeparableConv2D: not a Conv2D, DepthwiseConv2D or Dense layer"}
+    assert [(u.head, u.kind) for u in units] == [
+        ("sep", "separable"), ("plain", "conv2d"), ("up", "conv_transpose"), ("c1", "conv1d"),
+        ("proj", "dense"), ("logits", "dense")]
+    assert unsupported == {
+        "heads": "equation 'abc,cde->abde' is not a projection of the last axis (such as "
+                 "'abc,cd->abd')",
+        "scaled": "a subclass of Dense that overrides call()"}

@@ -18,6 +18,13 @@ from knowledge_distillation.quant import quantize_onnx, quantize_onnx_builder
 from knowledge_distillation.util import cpu as cpu_info
 
 
+class _Doubled(layers.Conv2D):
+    """A Conv2D subclass computing something else: stays float, exported through tf2onnx."""
+
+    def call(self, inputs):
+        return super().call(inputs) * 2.0
+
+
 def _model():
     """Every native handler once, plus layers exported through tf2onnx."""
     keras.utils.set_random_seed(3)
@@ -31,7 +38,8 @@ def _model():
     y = layers.LeakyReLU(0.1, name="dw_leaky")(y)
     y = layers.Conv2D(8, 1, name="project", activation="swish")(y)
     x = layers.Add(name="add")([x, y])
-    x = layers.SeparableConv2D(8, 3, padding="same", name="sep")(x)  # tf2onnx, float
+    x = layers.SeparableConv2D(8, 3, padding="same", name="sep")(x)
+    x = _Doubled(8, 1, name="doubled")(x)  # tf2onnx, float
     x = layers.UpSampling2D(name="up")(x)  # tf2onnx
     x = layers.Conv2D(6, 3, strides=2, groups=2, padding="valid", name="grouped")(x)
     x = layers.BatchNormalization(name="free_bn")(layers.ELU(name="elu")(x))
@@ -83,8 +91,10 @@ def frozen(model, images):
         model, 'distill_override_layers { layer_name: "grouped" '
                'distill_weight_quant_config { arq_distill { dst_type: INT4 } } }')
     qmodel = create_quant_model(model, config)
-    assert set(qmodel.quant_layers) == {"stem", "dw", "project", "grouped", "fc", "logits"}
-    assert qmodel.unsupported == {"sep": "SeparableConv2D: not a Conv2D, DepthwiseConv2D or Dense layer"}
+    assert set(qmodel.quant_layers) == {"stem", "dw", "project", "sep_depthwise", "sep",
+                                        "grouped", "fc", "logits"}
+    assert qmodel.float_layers() == [{"layer": "doubled", "type": "_Doubled",
+                                      "reason": "a subclass of Conv2D that overrides call()"}]
     from knowledge_distillation.quant.quantize_distill import distill
 
     distill(qmodel, images, epochs=0)
@@ -106,7 +116,7 @@ def test_deploy_runs_integer_kernels_and_matches_fake_quant(frozen, images):
     fake = build_onnx(frozen.keras_model, "fake_quant")
     deploy = build_onnx(frozen.keras_model, "deploy")
     ops = [n.op_type for n in deploy.graph.node]
-    assert ops.count("ConvInteger") == 4 and ops.count("MatMulInteger") == 2
+    assert ops.count("ConvInteger") == 6 and ops.count("MatMulInteger") == 2
     assert "DequantizeLinear" not in ops
     inits = {t.name: t for t in deploy.graph.initializer}
     for node in deploy.graph.node:

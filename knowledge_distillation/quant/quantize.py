@@ -59,7 +59,7 @@ def output_paths(output_dir, name):
     }
 
 
-def save_quant_model(qmodel, output_dir, name, activation_dtype="auto"):
+def save_quant_model(qmodel, output_dir, name, activation_dtype="auto", deploy_format="auto"):
     """Writes the record and the fake-quant and deploy ONNX models.
 
     Args:
@@ -70,28 +70,39 @@ def save_quant_model(qmodel, output_dir, name, activation_dtype="auto"):
             (same logits, different ONNX Runtime kernels) or "auto" (uint8
             on an x86-64 CPU with VNNI, else int8); see
             `quantize_onnx.deploy_activation_dtype`. Defaults to "auto".
+        deploy_format: "qdq" (DequantizeLinear -> Conv/Gemm, fused by
+            ONNX Runtime into QLinearConv/QGemm; what TensorRT, OpenVINO
+            and QNN read), "integer" (ConvInteger/MatMulInteger with a float
+            epilogue, AMCT's form) or "auto" (qdq on a VNNI or non-x86 CPU,
+            integer on x86 without VNNI); see
+            `quantize_onnx.resolve_deploy_format`. Defaults to "auto".
 
     Returns:
         `{"record": path, "fake_quant_model": path, "deploy_model": path,
         "fake_quant_bytes": int, "deploy_bytes": int,
-        "deploy_activation_dtype": "int8" or "uint8"}`.
+        "deploy_activation_dtype": "int8" or "uint8",
+        "deploy_format": "qdq" or "integer"}`.
     """
     if not qmodel.frozen:
         raise ValueError("the quantized model is not frozen: run distill() or apply_record() first")
-    activation_dtype = quantize_onnx.deploy_activation_dtype(activation_dtype)
+    deploy_format = quantize_onnx.resolve_deploy_format(deploy_format)
+    activation_dtype = quantize_onnx.deploy_activation_dtype(
+        activation_dtype, deploy_format=deploy_format)
     paths = output_paths(output_dir, name)
     save_record(paths["record"], qmodel.states())
-    result = {"record": paths["record"], "deploy_activation_dtype": activation_dtype}
+    result = {"record": paths["record"], "deploy_activation_dtype": activation_dtype,
+              "deploy_format": deploy_format}
     for mode in ("fake_quant", "deploy"):
-        kwargs = {"activation_dtype": activation_dtype} if mode == "deploy" else {}
+        kwargs = {"activation_dtype": activation_dtype, "deploy_format": deploy_format} \
+            if mode == "deploy" else {}
         model = quantize_onnx.build_onnx(qmodel.keras_model, mode, name=f"{name}_{mode}", **kwargs)
         result[f"{mode}_bytes"] = quantize_onnx.save_onnx(model, paths[f"{mode}_model"])
         result[f"{mode}_model"] = paths[f"{mode}_model"]
     logger.info("record written to %s", paths["record"])
     logger.info("fake-quant model written to %s (%d bytes)", result["fake_quant_model"],
                 result["fake_quant_bytes"])
-    logger.info("deploy model (%s activations) written to %s (%d bytes)", activation_dtype,
-                result["deploy_model"], result["deploy_bytes"])
+    logger.info("deploy model (%s, %s activations) written to %s (%d bytes)", deploy_format,
+                activation_dtype, result["deploy_model"], result["deploy_bytes"])
     return result
 
 
@@ -130,26 +141,32 @@ def keras_logits(model, x, batch_size=256, num_parallel_reads=None, view=None):
     return batched_predict(model, _batches(x, batch_size, num_parallel_reads, view))
 
 
-def onnx_session(model, num_threads=None):
-    """An ONNX Runtime CPU session of a path or `ModelProto`, with basic graph optimisations.
+def onnx_session(model, num_threads=None, optimize="basic"):
+    """An ONNX Runtime CPU session of a path or `ModelProto`.
 
-    Not ORT's default (all): from the extended level on, ORT fuses the
-    fake-quant model's QuantizeLinear/DequantizeLinear pairs into integer
-    kernels, which saturate on x86 CPUs without VNNI, so the model would no
-    longer simulate the quantized arithmetic (measured on a 2-core AVX2 AMD
-    EPYC: largest logit error 0.38 against the TF simulation, 0.0 at basic).
+    `optimize="basic"` (the default) is not ORT's default (all): from the
+    extended level on, ORT fuses the fake-quant model's
+    QuantizeLinear/DequantizeLinear pairs into integer kernels, which
+    saturate on x86 CPUs without VNNI, so the model would no longer simulate
+    the quantized arithmetic (measured on a 2-core AVX2 AMD EPYC: largest
+    logit error 0.38 against the TF simulation, 0.0 at basic). A QDQ deploy
+    model is meant to be fused: run it with `optimize="all"`, as deployed.
     """
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = levels[optimize]
     if num_threads:
         options.intra_op_num_threads = int(num_threads)
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def onnx_logits(model, x, batch_size=256, num_parallel_reads=None, view=None):
+def onnx_logits(model, x, batch_size=256, num_parallel_reads=None, view=None, optimize="basic"):
     """Logits of an ONNX model (path or proto) in ONNX Runtime on stored images through `view`."""
-    session = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
+    session = model if isinstance(model, ort.InferenceSession) else \
+        onnx_session(model, optimize=optimize)
     input_name = session.get_inputs()[0].name
     return np.concatenate([session.run(None, {input_name: images.numpy()})[0]
                            for images in _batches(x, batch_size, num_parallel_reads, view)])
@@ -199,6 +216,7 @@ def quantize_model(
     num_parallel_reads=None,
     activation_dtype="auto",
     view=None,
+    deploy_format="auto",
 ):
     """Quantizes a float Keras model by block distillation and evaluates it.
 
@@ -232,6 +250,9 @@ def quantize_model(
         view: the `data.ImageView` the images go through (size, colour mode,
             scaling), the same for Keras and ONNX Runtime. Defaults to None
             (the stored images, `unit` scaling).
+        deploy_format: "auto", "qdq" or "integer"; see `save_quant_model`.
+            The deploy model is scored with ORT's full optimisations (its
+            QDQ form fused), as deployed.
 
     Returns:
         A JSON-serialisable dict: `before` and `after` (top1/top5 of the float
@@ -241,10 +262,13 @@ def quantize_model(
         error), `onnx_vs_tf` and `deploy_vs_fake_quant` (largest logit
         difference, argmax agreement),
         `sizes` (bytes of float/fake-quant/deploy ONNX),
-        `deploy_activation_dtype` (the resolved "int8" or "uint8"), `blocks`
+        `deploy_activation_dtype` (the resolved "int8" or "uint8"),
+        `deploy_format` ("qdq" or "integer"), `float_layers` (every layer
+        with weights left in float: type and reason), `blocks`
         (per-block losses), `paths`, `seconds`.
     """
     quantize_onnx.check_requested_activation_dtype(activation_dtype)
+    quantize_onnx.check_requested_deploy_format(deploy_format)
     name = name or model.name
     paths = output_paths(output_dir, name)
     os.makedirs(os.path.dirname(paths["log"]), exist_ok=True)
@@ -258,7 +282,7 @@ def quantize_model(
         with float32_policy():
             return _quantize(model, data, output_dir, name, paths, batch_size, calibration_size,
                              config_text, config_source, epochs, max_input_drift, seed,
-                             num_parallel_reads, activation_dtype, view)
+                             num_parallel_reads, activation_dtype, view, deploy_format)
     finally:
         package_logger.removeHandler(handler)
         handler.close()
@@ -266,7 +290,7 @@ def quantize_model(
 
 def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size, config_text,
               config_source, epochs, max_input_drift, seed, num_parallel_reads,
-              activation_dtype, view):
+              activation_dtype, view, deploy_format):
     start = time.perf_counter()
     x_test, y_test = data.x_test, (data.y_test if data.labelled else None)
     reads = {"num_parallel_reads": num_parallel_reads, "view": view}
@@ -295,12 +319,12 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         qmodel, images, epochs=epochs, batch_size=batch_size,
         max_input_drift=max_input_drift, seed=seed, dump_dir=dump_dir)
     distill_seconds = time.perf_counter() - distill_start
-    saved = save_quant_model(qmodel, output_dir, name, activation_dtype)
+    saved = save_quant_model(qmodel, output_dir, name, activation_dtype, deploy_format)
 
     float_bytes = len(quantize_onnx.build_onnx(qmodel.teacher_model, "float").SerializeToString())
     sim_logits = keras_logits(qmodel.keras_model, x_test, **reads)
     fake_logits = onnx_logits(saved["fake_quant_model"], x_test, **reads)
-    deploy_logits = onnx_logits(saved["deploy_model"], x_test, **reads)
+    deploy_logits = onnx_logits(saved["deploy_model"], x_test, optimize="all", **reads)
     after = topk_accuracy(fake_logits, y_test)
     logger.info("%s after quantize  top1: %s top5: %s", name, *after)
     vs_float = compare_logits(fake_logits, float_logits)
@@ -313,8 +337,9 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
                 onnx_vs_tf["argmax_agreement"])
     logger.info("deploy vs fake-quant: largest logit difference %.3g, argmax agreement %.4f",
                 deploy_vs_fake["max_abs_logit_diff"], deploy_vs_fake["argmax_agreement"])
-    logger.info("deploy model (%s activations) %d bytes, %.2fx smaller than the float ONNX "
-                "model (%d bytes)", saved["deploy_activation_dtype"], saved["deploy_bytes"],
+    logger.info("deploy model (%s, %s activations) %d bytes, %.2fx smaller than the float "
+                "ONNX model (%d bytes)", saved["deploy_format"], saved["deploy_activation_dtype"],
+                saved["deploy_bytes"],
                 float_bytes / saved["deploy_bytes"], float_bytes)
     weight_types = sorted({layer.weight_dst_type for layer in config.layers.values()
                            if layer.quant_enable})
@@ -338,11 +363,12 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
         "onnx_vs_tf": onnx_vs_tf,
         "deploy_vs_fake_quant": deploy_vs_fake,
         "deploy_activation_dtype": saved["deploy_activation_dtype"],
+        "deploy_format": saved["deploy_format"],
         "sizes": {"float_onnx_bytes": float_bytes,
                   "fake_quant_bytes": saved["fake_quant_bytes"],
                   "deploy_bytes": saved["deploy_bytes"]},
         "blocks": blocks,
-        "unsupported_layers": qmodel.unsupported,
+        "float_layers": qmodel.float_layers(),
         "paths": {key: paths[key] for key in ("config", "record", "fake_quant_model",
                                               "deploy_model", "log")},
         "distill_seconds": distill_seconds,

@@ -11,6 +11,7 @@ import contextlib
 import logging
 
 import keras
+import numpy as np
 
 from knowledge_distillation.quant import quantize_graph
 from knowledge_distillation.quant.quantize_layers import QuantizedLayer
@@ -52,8 +53,12 @@ class QuantizedModel:
         keras_model: the quantized Keras model (TF fake-quant simulation).
         teacher_model: a frozen float32 copy of the model (whatever the
             user model's dtype policy).
-        quant_layers: `{layer name: QuantizedLayer}` in topological order.
-        unsupported: `{layer name: reason}` of weighted layers left in float.
+        quant_layers: `{layer name: QuantizedLayer}` in topological order (a
+            SeparableConv2D `sep` gives `sep_depthwise` and `sep`).
+        parts: `{unit head: [QuantizedLayer, ...]}`.
+        unsupported: `{layer name: reason}` of weighted layers the
+            quantizer cannot quantize (left in float).
+        skipped: quantizable layers the config keeps in float.
     """
 
     def __init__(self, model, config):
@@ -67,7 +72,8 @@ class QuantizedModel:
         skip = [name for name, layer in config.layers.items() if not layer.quant_enable]
         for name in config.layers:
             self.graph.node(name, "distill config layer")
-        units, _, self.unsupported = quantize_graph.find_units(self.graph, skip_layers=skip)
+        units, self.skipped, self.unsupported = quantize_graph.find_units(
+            self.graph, skip_layers=skip)
         heads = {unit.head for unit in units}
         missing = heads - set(config.quantized_layers)
         if missing:
@@ -77,10 +83,11 @@ class QuantizedModel:
         self.units = {unit.head: unit for unit in units}
         self.blocks = quantize_graph.validate_blocks(self.graph, units, config.distill_group)
         self.quant_layers = {}
+        self.parts = {}  # unit head -> its QuantizedLayers
         self.teacher_model, self.teacher_tensors, self.teacher_layers = self._replay(quantize=False)
         self.keras_model, self.quant_tensors, self.student_layers = self._replay(quantize=True)
-        for name, reason in self.unsupported.items():
-            logger.info("layer %s stays float: %s", name, reason)
+        for row in self.float_layers():
+            logger.info("layer %s (%s) stays float: %s", row["layer"], row["type"], row["reason"])
 
     def _replay(self, quantize):
         graph = self.graph
@@ -96,11 +103,14 @@ class QuantizedModel:
             if quantize and node.name in self.units:
                 unit = self.units[node.name]
                 bn = graph.by_name[unit.bn].layer if unit.bn else None
-                qlayer = self._quantized_layer(unit, layer, bn, node)
-                out = qlayer(tensors[node.inputs[0]])
+                parts = self._quantized_layers(unit, layer, bn)
+                out = tensors[node.inputs[0]]
+                for qlayer in parts:
+                    out = qlayer(out)
+                    self.quant_layers[qlayer.name] = qlayer
                 tensors[node.outputs[0]] = out
-                self.quant_layers[node.name] = qlayer
-                layers[node.name] = qlayer
+                self.parts[node.name] = parts
+                layers[node.name] = parts[0] if len(parts) == 1 else _Chain(parts)
                 continue
             if quantize and node.name in folded:
                 tensors[node.outputs[0]] = tensors[node.inputs[0]]
@@ -122,25 +132,39 @@ class QuantizedModel:
                             name=f"{self.float_model.name}{suffix}")
         return model, tensors, layers
 
-    def _quantized_layer(self, unit, layer, bn, node):
-        kernel, bias = quantize_graph.fold_batchnorm(layer, bn)
+    def _quantized_layers(self, unit, layer, bn):
+        """The `QuantizedLayer`s computing `unit`: one, or a SeparableConv2D's two
+        (`<name>_depthwise`, then the pointwise part named like the layer)."""
+        kernel, bias = quantize_graph.fold_batchnorm(layer, bn, unit.kind)
         cfg = self.config.layers[unit.head]
         clip = (cfg.clip_min, cfg.clip_max) if cfg.clip_max is not None else None
+        common = dict(weight_dst_type=cfg.weight_dst_type, weight_algo=cfg.weight_algo,
+                      channel_wise=cfg.channel_wise, fixed_min=cfg.fixed_min)
         conv_args = {}
         if unit.kind != "dense":
             conv_args = dict(strides=layer.strides, padding=layer.padding,
                              dilation_rate=layer.dilation_rate)
-        return QuantizedLayer(
-            unit.kind, kernel, bias,
-            activation=layer.activation,
-            weight_dst_type=cfg.weight_dst_type,
-            weight_algo=cfg.weight_algo,
-            channel_wise=cfg.channel_wise,
-            fixed_min=cfg.fixed_min,
-            clip_init=clip,
-            name=unit.head,
-            **conv_args,
-        )
+        if unit.kind == "conv_transpose":
+            conv_args["output_padding"] = layer.output_padding
+        if unit.kind == "separable":
+            depthwise = np.asarray(keras.ops.convert_to_numpy(layer.depthwise_kernel), np.float32)
+            first = QuantizedLayer(
+                "depthwise", depthwise, np.zeros(int(np.prod(depthwise.shape[2:])), np.float32),
+                clip_init=clip, name=f"{unit.head}_depthwise", **conv_args, **common)
+            second = QuantizedLayer("conv2d", kernel, bias, activation=layer.activation,
+                                    name=unit.head, **common)
+            return [first, second]
+        return [QuantizedLayer(unit.kind, kernel, bias, activation=layer.activation, clip_init=clip,
+                               name=unit.head, **conv_args, **common)]
+
+    def float_layers(self):
+        """Every layer with weights that stays float: `[{layer, type, reason}]` in graph order."""
+        reasons = dict(self.unsupported)
+        for name in self.skipped:
+            reasons[name] = ("quant_enable is false in the distill config "
+                             "(quant_skip_layers / quant_skip_layer_types)")
+        return [{"layer": node.name, "type": node.type_name, "reason": reasons[node.name]}
+                for node in self.graph.nodes if node.name in reasons]
 
     # -- blocks -------------------------------------------------------------
 
@@ -152,7 +176,7 @@ class QuantizedModel:
         return self.graph.by_name[block[-1]].outputs[0]
 
     def block_quant_layers(self, block):
-        return [self.quant_layers[name] for name in block if name in self.quant_layers]
+        return [part for name in block for part in self.parts.get(name, ())]
 
     def block_models(self, block):
         """`(teacher, student)` Keras models of one block, on a fresh input.
@@ -166,7 +190,8 @@ class QuantizedModel:
             x = inputs = keras.Input(shape=shape)
             for name in block:
                 if name in layers:
-                    x = layers[name](x)
+                    for layer in getattr(layers[name], "parts", [layers[name]]):
+                        x = layer(x)
             models.append(keras.Model(inputs, x))
         teacher, student = models
         return teacher, student
@@ -238,6 +263,13 @@ class QuantizedModel:
                 f"unknown {extra}")
         for name, layer in self.quant_layers.items():
             layer.freeze(states[name])
+
+
+class _Chain:
+    """The quantized layers standing for one float layer (a SeparableConv2D's two parts)."""
+
+    def __init__(self, parts):
+        self.parts = parts
 
 
 def create_quant_model(model, config):

@@ -4,7 +4,7 @@
 python -m knowledge_distillation.quant --model PATH.keras \\
     [--data_path DIR] [--config_defination FILE] [--batch_size 32] \\
     [--num_parallel_reads 4] [--calibration_size 1024] [--output_dir D] \\
-    [--deploy_activation_dtype auto|int8|uint8]
+    [--deploy_format auto|qdq|integer] [--deploy_activation_dtype auto|int8|uint8]
 ```
 
 It prints AMCT's two lines,
@@ -40,6 +40,7 @@ logger = logging.getLogger("knowledge_distillation.quant")
 PROG = "python -m knowledge_distillation.quant"
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 DEPLOY_ACTIVATION_DTYPES = ("auto", "int8", "uint8")
+DEPLOY_FORMATS = ("auto", "qdq", "integer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +64,8 @@ class QuantizeConfig:
         distribute: the `--distributed` flags, the trainer's (distil on every
             local device, across hosts or across NPU ranks; see
             `knowledge_distillation/distribute/`).
+        deploy_format: the deploy model's form, "auto" (qdq on a VNNI or
+            non-x86 CPU, integer on x86 without VNNI), "qdq" or "integer".
         deploy_activation_dtype: the deploy model's activations, "auto"
             (uint8 on an x86-64 CPU with VNNI, else int8), "int8" or "uint8".
         labels_file: label list of a flat image folder (`<file name> <class
@@ -86,6 +89,7 @@ class QuantizeConfig:
     max_input_drift: float = 0.1
     seed: int = 0
     deploy_activation_dtype: str = "auto"
+    deploy_format: str = "auto"
     labels_file: Optional[str] = None
     interpolation: Optional[str] = None
     preprocessing: Optional[str] = None
@@ -105,6 +109,9 @@ class QuantizeConfig:
         if self.max_input_drift < 0:
             raise ValueError(f"--max_input_drift must be >= 0, got {self.max_input_drift}")
         check_image_options(None, self.interpolation, self.preprocessing)
+        if self.deploy_format not in DEPLOY_FORMATS:
+            raise ValueError(f"--deploy_format must be one of {', '.join(DEPLOY_FORMATS)}, "
+                             f"got {self.deploy_format!r}")
         if self.deploy_activation_dtype not in DEPLOY_ACTIVATION_DTYPES:
             raise ValueError("--deploy_activation_dtype must be one of "
                              f"{', '.join(DEPLOY_ACTIVATION_DTYPES)}, "
@@ -141,6 +148,14 @@ def define_flags(fv):
                        "learns from the float input instead.", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "Seed of the calibration sample and training.", flag_values=fv)
     kd_flags.define_distribute_flags(fv)
+    flags.DEFINE_enum(
+        "deploy_format", "auto", list(DEPLOY_FORMATS),
+        "Form of the deploy ONNX model. qdq: int8/int4 weights, int32 bias and quantized "
+        "inputs through DequantizeLinear into Conv/Gemm, which ONNX Runtime fuses into "
+        "QLinearConv/QGemm and TensorRT, OpenVINO and QNN read. integer: ConvInteger/"
+        "MatMulInteger with a float epilogue (AMCT's form; ONNX Runtime's CPU provider only). "
+        "auto: qdq on an x86-64 CPU with VNNI or another architecture, integer on x86 without "
+        "VNNI, where ONNX Runtime's fused kernels can saturate.", flag_values=fv)
     flags.DEFINE_enum(
         "deploy_activation_dtype", "auto", list(DEPLOY_ACTIVATION_DTYPES),
         "Activations of the deploy ONNX model (same logits either way). int8: int8 x int8 "
@@ -226,6 +241,7 @@ def _run(config, output_dir):
             seed=config.seed,
             num_parallel_reads=config.num_parallel_reads,
             activation_dtype=config.deploy_activation_dtype,
+            deploy_format=config.deploy_format,
             view=view,
         )
 

@@ -15,12 +15,20 @@ import collections
 import keras
 import numpy as np
 
-QUANTIZABLE_TYPES = {
-    keras.layers.Conv2D: "conv2d",
-    keras.layers.DepthwiseConv2D: "depthwise",
-    keras.layers.Dense: "dense",
-}
-QUANTIZABLE_TYPE_NAMES = tuple(cls.__name__ for cls in QUANTIZABLE_TYPES)
+# Quantized by capability: these layers and their subclasses (unless the
+# subclass computes something else, i.e. overrides `call`). Checked in
+# order: the first base class that matches decides.
+QUANTIZABLE_TYPES = (
+    (keras.layers.DepthwiseConv2D, "depthwise"),
+    (keras.layers.SeparableConv2D, "separable"),
+    (keras.layers.Conv2DTranspose, "conv_transpose"),
+    (keras.layers.Conv2D, "conv2d"),
+    (keras.layers.Conv1D, "conv1d"),
+    (keras.layers.Dense, "dense"),
+    (keras.layers.EinsumDense, "einsum"),
+)
+QUANTIZABLE_TYPE_NAMES = tuple(cls.__name__ for cls, _ in QUANTIZABLE_TYPES)
+CONV_KINDS = ("conv2d", "depthwise", "separable", "conv_transpose", "conv1d")
 ACTIVATION_TYPES = (
     keras.layers.ReLU,
     keras.layers.LeakyReLU,
@@ -255,19 +263,56 @@ class Unit:
 
 def quantizable_kind(layer, input_shapes):
     """The QuantizedLayer kind of `layer`, or None with the reason."""
-    kind = QUANTIZABLE_TYPES.get(type(layer))
+    base, kind = next(((cls, k) for cls, k in QUANTIZABLE_TYPES if isinstance(layer, cls)),
+                      (None, None))
     if kind is None:
-        return None, "not a Conv2D, DepthwiseConv2D or Dense layer"
+        return None, f"not a layer the quantizer handles ({', '.join(QUANTIZABLE_TYPE_NAMES)})"
+    if type(layer).call is not base.call:
+        return None, f"a subclass of {base.__name__} that overrides call()"
     if getattr(layer, "lora_enabled", False):
         return None, "LoRA is enabled"
-    if kind != "dense" and getattr(layer, "data_format", "channels_last") != "channels_last":
-        return None, "data_format is not channels_last"
-    if kind != "dense" and len(input_shapes[0]) != 4:
-        return None, "input is not a 4-D image tensor"
     policy = getattr(layer, "dtype_policy", None)
     if getattr(policy, "quantization_mode", None):
         return None, f"already quantized by Keras (dtype policy {policy.name})"
+    if kind in CONV_KINDS:
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            return None, "data_format is not channels_last"
+        rank = 3 if kind == "conv1d" else 4
+        if len(input_shapes[0]) != rank:
+            return None, f"input is not a {rank}-D channels-last tensor"
+    if kind == "conv_transpose" and _pair(layer.dilation_rate) != (1, 1):
+        return None, "a dilated Conv2DTranspose"
+    if kind == "einsum":
+        if einsum_projection(layer) is None:
+            return None, (f"equation {layer.equation!r} is not a projection of the last axis "
+                          "(such as 'abc,cd->abd')")
+        kind = "dense"
     return kind, None
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+def einsum_projection(layer):
+    """True when an EinsumDense is a Dense on the last axis ('...ab,bc->...ac'), else None.
+
+    That is: a 2-D kernel contracting the input's last axis only, the
+    output the input's other axes plus the kernel's second, and a bias (if
+    any) on that output axis.
+    """
+    try:
+        inputs, output = layer.equation.replace(" ", "").split("->")
+        lhs, rhs = inputs.split(",")
+    except ValueError:
+        return None
+    if "." in layer.equation or len(rhs) != 2 or not lhs or lhs[-1] != rhs[0]:
+        return None
+    if rhs[0] in lhs[:-1] or rhs[1] in lhs or output != lhs[:-1] + rhs[1]:
+        return None
+    if getattr(layer, "bias_axes", None) not in (None, "", rhs[1]):
+        return None
+    return True
 
 
 def _is_linear(layer):
@@ -292,7 +337,7 @@ def find_units(graph, skip_layers=(), skip_types=()):
     Returns:
         `(units, skipped, unsupported)`: the `Unit`s in topological order,
         the names of quantizable layers kept float by the skip lists, and
-        `{name: reason}` of Conv/Dense-like layers that cannot be quantized.
+        `{name: reason}` of layers with weights that cannot be quantized.
     """
     for name in skip_layers:
         graph.node(name, "quant_skip_layers entry")
@@ -301,7 +346,7 @@ def find_units(graph, skip_layers=(), skip_types=()):
         kind, reason = quantizable_kind(node.layer, node.input_shapes)
         if kind is None:
             if node.type_name in QUANTIZABLE_TYPE_NAMES or _has_compute_weights(node.layer):
-                unsupported[node.name] = f"{node.type_name}: {reason}"
+                unsupported[node.name] = reason
             continue
         if node.name in skip_layers or node.type_name in skip_types:
             skipped.append(node.name)
@@ -327,8 +372,35 @@ def _bn_on_last_axis(node):
     return len(axes) == 1 and axes[0] % rank == rank - 1
 
 
-def fold_batchnorm(layer, bn=None):
-    """The kernel and bias of `layer` with the inference BatchNorm `bn` folded.
+def layer_kernels(layer, kind):
+    """`(kernel, bias)` of a quantizable layer in float64: bias zeros when it has none.
+
+    For "separable" the kernel is the pointwise one (the depthwise kernel
+    is `layer.depthwise_kernel`).
+    """
+    kernel = layer.pointwise_kernel if kind == "separable" else layer.kernel
+    kernel = np.asarray(keras.ops.convert_to_numpy(kernel), np.float64)
+    channels = output_channels(kind, kernel.shape)
+    bias = getattr(layer, "bias", None)
+    if bias is None or not getattr(layer, "use_bias", True):
+        bias = np.zeros(channels)
+    else:
+        bias = np.asarray(keras.ops.convert_to_numpy(bias), np.float64).reshape(channels)
+    return kernel, bias
+
+
+def output_channels(kind, kernel_shape):
+    if kind == "depthwise":
+        return kernel_shape[2] * kernel_shape[3]
+    if kind == "conv_transpose":
+        return kernel_shape[2]
+    return kernel_shape[-1]
+
+
+def fold_batchnorm(layer, bn=None, kind=None):
+    """The kernel and bias of `layer` (of quantizer `kind`; default: depthwise
+    for a DepthwiseConv2D, else a kernel with output channels last) with the
+    inference BatchNorm `bn` folded.
 
     `bn(conv(x, W) + b) = conv(x, W * a) + (b - mean) * a + beta` with
     `a = gamma / sqrt(var + eps)` per output channel, computed in float64.
@@ -336,20 +408,20 @@ def fold_batchnorm(layer, bn=None):
     Returns:
         `(kernel, bias)` float32 arrays; bias is zeros when the layer has none.
     """
-    kernel = np.asarray(layer.kernel.numpy(), np.float64)
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
-        channels = kernel.shape[2] * kernel.shape[3]
-    else:
-        channels = kernel.shape[-1]
-    bias = np.asarray(layer.bias.numpy(), np.float64) if layer.use_bias else np.zeros(channels)
+    if kind is None:
+        kind = "depthwise" if isinstance(layer, keras.layers.DepthwiseConv2D) else "dense"
+    kernel, bias = layer_kernels(layer, kind)
+    channels = output_channels(kind, kernel.shape)
     if bn is not None:
         gamma = bn.gamma.numpy() if bn.scale else np.ones(channels)
         beta = bn.beta.numpy() if bn.center else np.zeros(channels)
         mean = bn.moving_mean.numpy()
         var = bn.moving_variance.numpy()
         a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + bn.epsilon)
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if kind == "depthwise":
             kernel = kernel * a.reshape(kernel.shape[2], kernel.shape[3])
+        elif kind == "conv_transpose":
+            kernel = kernel * a.reshape(1, 1, -1, 1)
         else:
             kernel = kernel * a
         bias = (bias - mean) * a + beta

@@ -1,4 +1,6 @@
-"""`QuantizedLayer`: a Conv2D, DepthwiseConv2D or Dense with fake quantization.
+"""`QuantizedLayer`: a Conv2D, DepthwiseConv2D, Conv1D, Conv2DTranspose or Dense with fake quantization.
+
+(A SeparableConv2D becomes two: its depthwise and its pointwise part.)
 
 It holds the float layer's kernel and bias with BatchNorm already folded in
 (fixed), and learns the quantization factors:
@@ -27,7 +29,7 @@ import keras
 
 from knowledge_distillation.quant import quantize_math as qm
 
-KINDS = ("conv2d", "depthwise", "dense")
+KINDS = ("conv2d", "depthwise", "dense", "conv1d", "conv_transpose")
 WEIGHT_ALGOS = ("arq_distill", "ulq_distill")
 
 # Learning rates. The optimizer's is BASE_LR, that of the rounding logits
@@ -71,11 +73,13 @@ class QuantizedLayer(keras.layers.Layer):
     """A quantized Conv2D / DepthwiseConv2D / Dense with BatchNorm folded.
 
     Args:
-        kind: "conv2d", "depthwise" or "dense".
+        kind: "conv2d", "depthwise", "dense", "conv1d" or "conv_transpose".
         kernel: folded float kernel in the Keras layout of `kind`.
         bias: folded float bias `(channels,)`.
         strides, padding, dilation_rate: the convolution's arguments
             (ignored for Dense); groups follow from the kernel's shape.
+            Conv1D's "causal" padding pads the start of the sequence.
+        output_padding: Conv2DTranspose's, or None.
         activation: the float layer's own activation (a Keras activation
             name or function), applied after the bias.
         weight_dst_type: "INT8" or "INT4". Defaults to "INT8".
@@ -100,6 +104,7 @@ class QuantizedLayer(keras.layers.Layer):
         padding="valid",
         dilation_rate=1,
         activation=None,
+        output_padding=None,
         weight_dst_type="INT8",
         weight_algo="arq_distill",
         channel_wise=True,
@@ -125,6 +130,7 @@ class QuantizedLayer(keras.layers.Layer):
         self.strides = strides
         self.padding = padding
         self.dilation_rate = dilation_rate
+        self.output_padding = output_padding
         self.activation = keras.activations.get(activation)
         self.weight_dst_type = qm.check_dst_type(weight_dst_type)
         self.act_dst_type = act_dst_type
@@ -136,6 +142,8 @@ class QuantizedLayer(keras.layers.Layer):
         if kind == "depthwise":
             # Output channel c * multiplier + j comes from kernel[:, :, c, j].
             self.scale_shape = (1, 1) + self.float_kernel.shape[2:]
+        elif kind == "conv_transpose":  # (kh, kw, out, in)
+            self.scale_shape = (1, 1, self.float_kernel.shape[2], 1)
         else:
             self.scale_shape = (1,) * (self.float_kernel.ndim - 1) + (self.float_kernel.shape[-1],)
         self.channels = int(np.prod(self.scale_shape))
@@ -192,11 +200,19 @@ class QuantizedLayer(keras.layers.Layer):
         super().build(input_shape)
 
     def _channel_view(self, kernel):
+        """The kernel with one output channel per index of its last axis."""
         # Depthwise output channel c * multiplier + j is kernel[:, :, c, j]:
         # a row-major reshape puts it at index c * multiplier + j.
         if self.kind == "depthwise":
             return kernel.reshape(kernel.shape[:2] + (-1,))
+        if self.kind == "conv_transpose":
+            return np.swapaxes(kernel, 2, 3)
         return kernel
+
+    def _from_channel_view(self, view):
+        if self.kind == "conv_transpose":
+            return np.swapaxes(view, 2, 3)
+        return view.reshape(self.float_kernel.shape)
 
     def _flat_kernel_scales(self):
         return qm.weight_scales(
@@ -204,7 +220,7 @@ class QuantizedLayer(keras.layers.Layer):
 
     def _adaround_init(self, scales):
         view = qm.adaround_init(self._channel_view(self.float_kernel), scales, -1)
-        return view.reshape(self.float_kernel.shape)
+        return self._from_channel_view(view)
 
     # -- calibration --------------------------------------------------------
 
@@ -279,8 +295,19 @@ class QuantizedLayer(keras.layers.Layer):
             return keras.ops.depthwise_conv(
                 x, kernel, strides=self.strides, padding=self.padding,
                 data_format="channels_last", dilation_rate=self.dilation_rate)
+        if self.kind == "conv_transpose":
+            return keras.ops.conv_transpose(
+                x, kernel, strides=self.strides, padding=self.padding,
+                output_padding=self.output_padding, data_format="channels_last",
+                dilation_rate=self.dilation_rate)
+        padding = self.padding
+        if padding == "causal":  # zeros before the sequence: real 0 in every domain
+            dilation = self.dilation_rate[0] if isinstance(self.dilation_rate, (list, tuple)) \
+                else self.dilation_rate
+            x = keras.ops.pad(x, [[0, 0], [dilation * (kernel.shape[0] - 1), 0], [0, 0]])
+            padding = "valid"
         return keras.ops.conv(
-            x, kernel, strides=self.strides, padding=self.padding,
+            x, kernel, strides=self.strides, padding=padding,
             data_format="channels_last", dilation_rate=self.dilation_rate)
 
     def compute_output_shape(self, input_shape):
@@ -288,8 +315,8 @@ class QuantizedLayer(keras.layers.Layer):
             return tuple(input_shape[:-1]) + (self.float_kernel.shape[-1],)
         spec = keras.KerasTensor(input_shape)
         shape = self.float_kernel.shape
-        if self.kind == "conv2d":  # grouped kernels hold in/groups input channels
-            shape = shape[:2] + (input_shape[-1], shape[-1])
+        if self.kind in ("conv2d", "conv1d"):  # grouped kernels hold in/groups input channels
+            shape = shape[:-2] + (input_shape[-1], shape[-1])
         return self._op(spec, keras.KerasTensor(shape)).shape
 
     # -- freezing -----------------------------------------------------------
@@ -314,7 +341,7 @@ class QuantizedLayer(keras.layers.Layer):
         q = qm.quantize_weights(
             self._channel_view(self.float_kernel), state.scale_w, -1,
             self.weight_dst_type, round_up)
-        return q.reshape(self.float_kernel.shape)
+        return self._from_channel_view(q)
 
     def freeze(self, state=None):
         """Fixes the layer to `state` (default: the learned one).

@@ -72,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("float", "fake_quant", "deploy")
 ACTIVATION_DTYPES = ("int8", "uint8")  # of the deploy model's integer ops
+DEPLOY_FORMATS = ("qdq", "integer")
 
 
 # --- export -----------------------------------------------------------------
@@ -87,7 +88,7 @@ def _check_activation_dtype(value, allowed, what):
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
+def build_onnx(keras_model, mode, name=None, activation_dtype="int8", deploy_format="integer"):
     """Converts a (frozen quantized, or float) Keras model to an ONNX model.
 
     Args:
@@ -100,6 +101,11 @@ def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
             activations (see the module docstring and
             `deploy_activation_dtype`); the logits are the same. Other
             modes take only the default, "int8".
+        deploy_format: the deploy model's form, "integer" (ConvInteger /
+            MatMulInteger with a float epilogue) or "qdq" (DequantizeLinear
+            on int8/int4 weights, int32 bias and quantized inputs, then the
+            float op, which ONNX Runtime fuses into QLinearConv / QGemm).
+            Other modes take only the default, "integer".
 
     Returns:
         A checked `onnx.ModelProto` (opset 21, IR 10): input NHWC float32
@@ -111,8 +117,12 @@ def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
     if mode != "deploy" and activation_dtype != "int8":
         raise ValueError(f"activation_dtype {activation_dtype!r} applies to the deploy model "
                          f"only, not to the {mode} model")
+    _check_activation_dtype(deploy_format, DEPLOY_FORMATS, "deploy_format")
+    if mode != "deploy" and deploy_format != "integer":
+        raise ValueError(f"deploy_format {deploy_format!r} applies to the deploy model "
+                         f"only, not to the {mode} model")
     graph = quantize_graph.Graph(keras_model)
-    b = Builder(activation_dtype)
+    b = Builder(activation_dtype, deploy_format)
     input_name = b.unique(graph.input_tensor._keras_history[0].name)
     output_name = b.unique("output")
     b.set(graph.input_id, input_name, KERAS, len(graph.input_tensor.shape))
@@ -133,6 +143,10 @@ def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
             raise ValueError(f"model {keras_model.name!r} has no quantized layer to export")
     for layer in b.fallbacks:
         logger.info("ONNX %s model: %s exported through tf2onnx, in float", mode, layer)
+    if b.unfused_bias:
+        logger.info("ONNX QDQ deploy model: the bias of %s does not fit int32 at scale "
+                    "scale_d * scale_w (a channel with almost no weight); kept in float, so "
+                    "ONNX Runtime runs these layers unfused", ", ".join(b.unfused_bias))
     b.nodes.append(helper.make_node("Identity", [b.get(graph.output_id, KERAS)], [output_name],
                                     name=output_name))
     onnx_graph = helper.make_graph(
@@ -146,8 +160,9 @@ def build_onnx(keras_model, mode, name=None, activation_dtype="int8"):
         ir_version=IR_VERSION,
         producer_name="knowledge_distillation.quant",
         doc_string=f"{mode} model of {keras_model.name}"
-                   + (f" ({activation_dtype} activations)" if mode == "deploy" else ""))
-    onnx.checker.check_model(model)
+                   + (f" ({deploy_format}, {activation_dtype} activations)"
+                      if mode == "deploy" else ""))
+    onnx.checker.check_model(model, full_check=True)
     return model
 
 
@@ -166,7 +181,62 @@ def check_requested_activation_dtype(requested):
     _check_activation_dtype(requested, ("auto",) + ACTIVATION_DTYPES, "deploy activation dtype")
 
 
-def deploy_activation_dtype(requested="auto", cpu_flags=None, machine=None):
+def _describe_cpu(cpu_flags, machine):
+    """`(x86, flags, vnni, words)` of the CPU: flags None where they cannot be read."""
+    machine = platform.machine() if machine is None else machine
+    x86 = cpu_info.is_x86_64(machine)
+    flags = cpu_info.read_cpu_flags() if cpu_flags is None else frozenset(cpu_flags)
+    vnni = cpu_info.vnni_flags(flags)
+    if not x86:
+        words = f"{machine or 'unknown'} CPU, not x86-64"
+    elif flags is None:
+        words = "x86-64 CPU whose flags cannot be read"
+    elif vnni:
+        words = f"x86-64 CPU with {'/'.join(vnni)}"
+    else:
+        words = "x86-64 CPU without VNNI"
+    return x86, flags, vnni, words
+
+
+def check_requested_deploy_format(requested):
+    """Raises ValueError unless `requested` is "auto", "qdq" or "integer"."""
+    _check_activation_dtype(requested, ("auto",) + DEPLOY_FORMATS, "deploy format")
+
+
+def resolve_deploy_format(requested="auto", cpu_flags=None, machine=None):
+    """The deploy model's form, "qdq" or "integer", for this CPU; logs the choice.
+
+    "auto" is "qdq" on an x86-64 CPU with VNNI and on other architectures:
+    ONNX Runtime fuses it into QLinearConv / QGemm, several times faster
+    than the integer form (whose ConvInteger runs on a slow portable kernel)
+    and than float. On x86-64 without VNNI (or with unreadable flags) it is
+    "integer" with int8 activations: the fused kernels take uint8 x int8 there
+    and can saturate 16-bit sums (onnxruntime issue #16105, wrong
+    QLinearConv output on an AVX2 AMD CPU), while int8 x int8 ConvInteger is
+    exact. An explicit "qdq" on such a CPU is honoured with a warning.
+    """
+    check_requested_deploy_format(requested)
+    x86, flags, vnni, cpu = _describe_cpu(cpu_flags, machine)
+    risky = x86 and not vnni
+    if requested == "auto":
+        if risky:
+            chosen, reason = "integer", ("ONNX Runtime's fused QDQ kernels can saturate 16-bit "
+                                         "sums without VNNI; ConvInteger int8 x int8 is exact")
+        else:
+            chosen, reason = "qdq", "ONNX Runtime fuses it into QLinearConv / QGemm, exact here"
+        logger.info("deploy model: %s format (auto: %s; %s)", chosen, cpu, reason)
+        return chosen
+    if requested == "qdq" and risky:
+        logger.warning(
+            "deploy model: QDQ format as requested, but this is an %s: ONNX Runtime's fused "
+            "QLinearConv can saturate its 16-bit sums here and lose accuracy (fine on a VNNI "
+            "CPU and on TensorRT/OpenVINO); --deploy_format=integer is exact on any CPU", cpu)
+    else:
+        logger.info("deploy model: %s format (requested; %s)", requested, cpu)
+    return requested
+
+
+def deploy_activation_dtype(requested="auto", cpu_flags=None, machine=None, deploy_format="integer"):
     """The deploy model's activation dtype, "int8" or "uint8", for this CPU.
 
     "auto" is "uint8" on an x86-64 CPU with VNNI (ONNX Runtime's fast U8S8
@@ -182,20 +252,16 @@ def deploy_activation_dtype(requested="auto", cpu_flags=None, machine=None):
             "avx512_vnni"), or None to read them from the running CPU (None
             there too, e.g. off Linux: unknown, and "auto" is "int8").
         machine: `platform.machine()` to assume; defaults to this one's.
+        deploy_format: the deploy model's form; with "qdq", "auto" is
+            "int8" (ORT's recommended S8S8 QDQ; measured at least as fast
+            as uint8 here).
     """
     check_requested_activation_dtype(requested)
-    machine = platform.machine() if machine is None else machine
-    x86 = cpu_info.is_x86_64(machine)
-    flags = cpu_info.read_cpu_flags() if cpu_flags is None else frozenset(cpu_flags)
-    vnni = cpu_info.vnni_flags(flags)
-    if not x86:
-        cpu = f"{machine or 'unknown'} CPU, not x86-64"
-    elif flags is None:
-        cpu = "x86-64 CPU whose flags cannot be read"
-    elif vnni:
-        cpu = f"x86-64 CPU with {'/'.join(vnni)}"
-    else:
-        cpu = "x86-64 CPU without VNNI"
+    x86, flags, vnni, cpu = _describe_cpu(cpu_flags, machine)
+    if requested == "auto" and deploy_format == "qdq":
+        logger.info("deploy model: int8 activations (auto, QDQ format: ONNX Runtime's "
+                    "recommended S8S8; it picks its own kernel)")
+        return "int8"
     if requested == "auto":
         if x86 and vnni:
             chosen, reason = "uint8", "ONNX Runtime's VNNI uint8 x int8 kernel, exact and fast"

@@ -26,8 +26,10 @@ class Unsupported(Exception):
 class Builder:
     """Accumulates ONNX nodes and initializers with unique names."""
 
-    def __init__(self, activation_dtype="int8"):
-        self.activation_dtype = activation_dtype  # of the deploy model's integer ops
+    def __init__(self, activation_dtype="int8", deploy_format="integer"):
+        self.activation_dtype = activation_dtype  # of the deploy model's quantized activations
+        self.deploy_format = deploy_format  # "integer" or "qdq"
+        self.unfused_bias = []  # QDQ layers whose bias does not fit int32
         self.nodes = []
         self.initializers = []
         self.used = set()

@@ -76,12 +76,16 @@ class _FalseWarnings(logging.Filter):
 def quiet_tensorflow_start():
     """Imports TensorFlow and Keras without their native start-up notices. Entry points only.
 
-    Sets `TF_CPP_MIN_LOG_LEVEL=2` (unless set), which silences TensorFlow's
-    later C++ INFO and WARNING lines; the lines printed while the native
-    libraries load come before that setting is read, so stderr is captured
-    for the import and replayed without the known notices.
+    Sets `TF_CPP_MIN_LOG_LEVEL=3` (unless set), which silences TensorFlow's
+    later C++ INFO, WARNING and ERROR lines: every error that stops a run
+    reaches Python as an exception and is reported once, as one line, while
+    the C++ log repeats it (e.g. grappler's "remapper failed: ..." around a
+    corrupt image on AVX-512 CPUs). `TF_CPP_MIN_LOG_LEVEL=0` shows them all.
+    The lines printed while the native libraries load come before that
+    setting is read, so stderr is captured for the import and replayed
+    without the known notices.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "tensorflow" not in sys.modules:
         sys.stderr.flush()
         saved = os.dup(2)
