@@ -41,9 +41,10 @@ def main(argv):
     from knowledge_distillation import data as data_lib
     from knowledge_distillation import quant
 
-    model, data = common.float_model_and_data(
-        FLAGS.model, FLAGS.data_path, FLAGS.student, FLAGS.train_size, FLAGS.test_size,
-        FLAGS.train_epochs)
+    model, data, view = common.float_model_and_data(
+        FLAGS.model, FLAGS.data_path, FLAGS.model_name, FLAGS.train_size, FLAGS.test_size,
+        FLAGS.train_epochs, image_size=FLAGS.image_size, preprocessing=FLAGS.preprocessing,
+        model_cache=FLAGS.model_cache)
     all_batches = -(-FLAGS.calibration_size // FLAGS.batch_size)
     rows = []
     float_top1 = None
@@ -51,7 +52,7 @@ def main(argv):
         rng = np.random.default_rng(seed)
         index = np.sort(rng.choice(len(data.x_train), min(FLAGS.calibration_size,
                                                           len(data.x_train)), replace=False))
-        calibration = data_lib.preprocess(data.x_train[index]).numpy()
+        calibration = common.processed(data.x_train[index], view)
         for bits in FLAGS.bits:
             for epochs in sorted({0, FLAGS.epochs}):
                 for batch_num in (1, all_batches):
@@ -76,7 +77,7 @@ def main(argv):
                     })
     common.emit({
         "bench": "calibration_batches",
-        "config": {"model": FLAGS.model or FLAGS.student, "train_size": len(data.x_train),
+        "config": {"model": FLAGS.model or FLAGS.model_name, "train_size": len(data.x_train),
                    "test_size": len(data.x_test), "calibration_size": FLAGS.calibration_size,
                    "batch_size": FLAGS.batch_size, "epochs": FLAGS.epochs},
         "machine": common.machine(),

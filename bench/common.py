@@ -51,30 +51,77 @@ def quiet_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def float_model_and_data(model_path, data_path, student, train_size, test_size, train_epochs,
-                         seed=0):
-    """The float Keras model to quantize and the data, for benchmarks 3 and 4.
+def model_view(model_name, image_size=None, preprocessing=None):
+    """The `data.ImageView` a benchmark model sees: `image_size` square RGB for the
+    keras.applications networks (default 64), `symmetric` scaling unless the network
+    rescales itself; the zoo's own models take the stored images, `unit` scaling."""
+    from knowledge_distillation import data as data_lib
+    from knowledge_distillation import models
+
+    if model_name in models.APPLICATIONS:
+        size = image_size or 64
+        default = models.RESCALES_ITSELF.get(model_name, "symmetric")
+        return data_lib.ImageView((size, size), 3, "bilinear", preprocessing or default)
+    size = (image_size, image_size) if image_size else None
+    return data_lib.ImageView(size, None, "bilinear", preprocessing or "unit")
+
+
+def processed(x, view, batch_size=256):
+    """Stored images through `view` (resized, scaled) as one float32 array."""
+    from knowledge_distillation import data as data_lib
+
+    dataset = data_lib.make_dataset(x, np.zeros(len(x), np.int64), batch_size, view=view)
+    return np.concatenate([images.numpy() for images, _ in dataset])
+
+
+def float_model_and_data(model_path, data_path, model_name, train_size, test_size, train_epochs,
+                         seed=0, image_size=None, preprocessing=None, model_cache=None):
+    """The float Keras model to quantize, the data and the view, for the ONNX benchmarks.
 
     `model_path` (a trained `.keras`, e.g. the trainer's `distilled.keras`)
-    is loaded; without it a zoo `student` is trained for `train_epochs` here,
-    so the benchmark needs no earlier run.
+    is loaded; without it the zoo model `model_name` (one of ours or a
+    keras.applications network) is trained here for `train_epochs` (Adam
+    1e-3, batch 32, float32) on the first `train_size` training images
+    through `model_view`, so the benchmark needs no earlier run. With
+    `model_cache` (a folder) the trained model is kept there under a name
+    holding every setting above and reused by the next run.
+
+    Returns:
+        `(model, data, view)`.
     """
     import keras
 
     from knowledge_distillation import data as data_lib
     from knowledge_distillation import models
+    from knowledge_distillation.util.files import save_model_atomic
 
     data = data_lib.load_data(data_path, train_size=train_size, test_size=test_size)
-    if model_path:
-        model = models.load_model(model_path, "--model")
+    view = model_view(model_name, image_size, preprocessing)
+    cached = None
+    if model_cache and not model_path:
+        size = "x".join(map(str, view.image_size)) if view.image_size else "stored"
+        cached = os.path.join(model_cache, f"{model_name}_{size}_{view.preprocessing}_"
+                                           f"n{len(data.x_train)}_e{train_epochs}_s{seed}.keras")
+    if model_path or (cached and os.path.exists(cached)):
+        model = models.load_model(model_path or cached, "--model")
+        print(f"float model: {model_path or cached}", file=sys.stderr)
     else:
-        model = models.build_model(student, data.input_shape, data.num_classes, seed=seed)
+        shape = view.output_shape(data.x_train.shape[1:])
+        model = models.build_model(model_name, shape, data.num_classes, seed=seed)
         model.compile(optimizer=keras.optimizers.Adam(1e-3),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        model.fit(data_lib.make_dataset(data.x_train, data.y_train, 32, shuffle=True, seed=seed),
+        start = time.perf_counter()
+        model.fit(data_lib.make_dataset(data.x_train, data.y_train, 32, shuffle=True, seed=seed,
+                                        view=view),
                   epochs=train_epochs, verbose=0)
-    model(data_lib.preprocess(data.x_test[:1]))  # ONNX export wants a called model
-    return model, data
+        print(f"trained {model_name} on {len(data.x_train)} images x {train_epochs} epochs "
+              f"at {shape}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if cached:
+            os.makedirs(model_cache, exist_ok=True)
+            save_model_atomic(model, cached, {"preprocessing": view.preprocessing,
+                                              "interpolation": view.interpolation})
+    model(processed(data.x_test[:1], view))  # ONNX export wants a called model
+    return model, data, view
 
 
 class CalibrationReader:
@@ -92,7 +139,17 @@ def define_float_model_flags(flags):
     """The flags that pick (or train) the float model the ONNX benchmarks start from."""
     flags.DEFINE_string("data_path", "/usr/share/datasets/fashion-mnist", "MNIST-format data folder.")
     flags.DEFINE_string("model", None, "Float .keras model (default: train --student here).")
-    flags.DEFINE_string("student", "mlp_student", "Zoo model trained when --model is not given.")
+    flags.DEFINE_string("model_name", "mlp_student",
+                        "Zoo model (ours or keras.applications: mobilenet_v2, mobilenet_v3_small, "
+                        "resnet50, efficientnet_b0, convnext_tiny) trained when --model is not "
+                        "given.")
+    flags.DEFINE_integer("image_size", None,
+                         "Square size the images are resized to (keras.applications: 64).")
+    flags.DEFINE_string("preprocessing", None,
+                        "Pixel scaling (default: symmetric for keras.applications, none for "
+                        "EfficientNet, unit for ours).")
+    flags.DEFINE_string("model_cache", None,
+                        "Folder keeping the model trained here, reused by the next run.")
     flags.DEFINE_integer("train_size", None, "Training images (default: all).")
     flags.DEFINE_integer("train_epochs", 1, "Epochs of the model trained here.")
     flags.DEFINE_integer("calibration_size", 1024, "Quantizer calibration images.")

@@ -89,14 +89,16 @@ def main(argv):
             float_path, deploy_path = FLAGS.float_onnx, FLAGS.deploy_onnx
             data = data_lib.load_data(FLAGS.data_path, train_size=64, test_size=64)
         else:
-            model, data = common.float_model_and_data(
-                FLAGS.model, FLAGS.data_path, FLAGS.student, FLAGS.train_size, 2000,
-                FLAGS.train_epochs)
+            model, data, view = common.float_model_and_data(
+                FLAGS.model, FLAGS.data_path, FLAGS.model_name, FLAGS.train_size, 2000,
+                FLAGS.train_epochs, image_size=FLAGS.image_size,
+                preprocessing=FLAGS.preprocessing, model_cache=FLAGS.model_cache)
             float_path = os.path.join(tmp, "float.onnx")
             quant.save_onnx(quant.build_onnx(model, "float"), float_path)
             summary = quant.quantize_model(model, data, os.path.join(tmp, "q"), name="model",
                                            calibration_size=FLAGS.calibration_size,
-                                           activation_dtype=FLAGS.deploy_activation_dtype)
+                                           activation_dtype=FLAGS.deploy_activation_dtype,
+                                           deploy_format="integer", view=view)
             deploy_path = summary["paths"]["deploy_model"]
             quant_info = {"float_top1": summary["before"]["top1"],
                           "fake_quant_top1": summary["after"]["top1"],
@@ -116,13 +118,13 @@ def main(argv):
             for key in ("int8_act", "uint8_act"):
                 s = ort.InferenceSession(paths[key], providers=["CPUExecutionProvider"])
                 outputs[key] = s.run(None, {s.get_inputs()[0].name:
-                                            data_lib.preprocess(data.x_test[:256]).numpy()})[0]
+                                            common.processed(data.x_test[:256], view)})[0]
             quant_info["uint8_vs_int8_act_max_abs_logit_diff"] = float(
                 np.max(np.abs(outputs["uint8_act"] - outputs["int8_act"])))
         if FLAGS.ort_reference:
             from onnxruntime import quantization as oq
 
-            calib = data_lib.preprocess(data.x_train[:256]).numpy()
+            calib = common.processed(data.x_train[:256], view)
             name = ort.InferenceSession(float_path).get_inputs()[0].name
             paths["ort_qdq_int8"] = os.path.join(tmp, "ort_qdq.onnx")
             oq.quantize_static(float_path, paths["ort_qdq_int8"],
@@ -134,7 +136,7 @@ def main(argv):
                     for name, path in paths.items()}
         sizes = {"float_bytes": os.path.getsize(float_path),
                  "int8_bytes": os.path.getsize(deploy_path)}
-        images = data_lib.preprocess(data.x_test[:32]).numpy()
+        images = common.processed(data.x_test[:32], view)
         latency = {}
         for bs in (int(b) for b in FLAGS.batch_sizes):
             batch = np.ascontiguousarray(images[:bs])
@@ -163,7 +165,7 @@ def main(argv):
         ops = sorted({n.op_type for n in __import__("onnx").load(deploy_path).graph.node})
     common.emit({
         "bench": "onnx_latency",
-        "config": {"model": FLAGS.model or FLAGS.deploy_onnx or FLAGS.student,
+        "config": {"model": FLAGS.model or FLAGS.deploy_onnx or FLAGS.model_name,
                    "train_size": FLAGS.train_size, "calibration_size": FLAGS.calibration_size,
                    "runs": FLAGS.runs, "rounds": FLAGS.rounds, "threads": FLAGS.threads,
                    "deploy_activation_dtype": FLAGS.deploy_activation_dtype,

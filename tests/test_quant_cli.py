@@ -52,7 +52,8 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
                  "--config_defination", str(config), "--calibration_size", "128",
                  "--test_size", "300", "--batch_size", "32", "--num_parallel_reads", "2",
                  "--output_dir", str(out), "--distributed",
-                 "--deploy_activation_dtype", "uint8"], cwd=tmp_path)
+                 "--deploy_format", "integer", "--deploy_activation_dtype", "uint8"],
+                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     lines = proc.stdout.splitlines()
     before = [l for l in lines if l.startswith("[INFO] tiny before quantize top1:")]
@@ -68,11 +69,12 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     assert summary["after"]["top1"] >= summary["before"]["top1"] - 0.02
     assert summary["deploy_activation_dtype"] == "uint8"
     assert summary["config"]["deploy_activation_dtype"] == "uint8"
+    assert summary["deploy_format"] == "integer" and summary["float_layers"] == []
     # batch_num 2 at batch 32: 64 of the 128 calibration images set the ranges.
     assert (summary["batch_num"], summary["calibration_range_images"]) == (2, 64)
     assert ("activation ranges: min/max of the first 64 of the 128 calibration images "
             "(batch_num 2 x batch_size 32)") in proc.stdout
-    assert "deploy model (uint8 activations) written to" in proc.stdout
+    assert "deploy model (integer, uint8 activations) written to" in proc.stdout
     # One CPU device: --distributed is a logged one-replica run (see the distribute package).
     assert "--distributed with a single device: running one replica" in proc.stdout
 
@@ -84,6 +86,8 @@ def test_cli_writes_every_output_and_prints_both_lines(model_path, fashion_mnist
     (["--model", "{model}", "--batch_size", "0"], 2, "--batch_size must be positive"),
     (["--model", "{model}", "--deploy_activation_dtype", "int4"], 2,
      "error: flag --deploy_activation_dtype=int4: value should be one of <auto|int8|uint8>"),
+    (["--model", "{model}", "--deploy_format", "tensorrt"], 2,
+     "error: flag --deploy_format=tensorrt: value should be one of <auto|qdq|integer>"),
 ])
 def test_cli_errors(model_path, tmp_path, args, code, message):
     bad = tmp_path / "bad.cfg"

@@ -328,3 +328,74 @@ def test_int4_initializers_are_packed_two_per_byte(shape):
     assert tensor.data_type == onnx.TensorProto.INT4
     np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), values)
     assert len(tensor.raw_data) == -(-values.size // 2)
+
+
+def _optimized_ops(proto, tmp_path):
+    """Op counts of ONNX Runtime's optimised graph (EXTENDED: its QDQ fusions), saved to disk."""
+    import collections
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return session, collections.Counter(
+        node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node)
+
+
+def test_qdq_deploy_model_is_fused_by_ort_and_follows_the_fake_quant_model(frozen, images,
+                                                                            tmp_path):
+    qdq = build_onnx(frozen.keras_model, "deploy", deploy_format="qdq")
+    onnx.checker.check_model(qdq, full_check=True)
+    ops = [node.op_type for node in qdq.graph.node]
+    assert "ConvInteger" not in ops and "MatMulInteger" not in ops
+    inits = {t.name: t for t in qdq.graph.initializer}
+    biases = [inits[n.input[0]] for n in qdq.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0].endswith("/bias_int32")]
+    assert len(biases) == len(frozen.quant_layers)
+    assert all(b.data_type == onnx.TensorProto.INT32 for b in biases)
+    weights = {inits[n.input[0]].data_type for n in qdq.graph.node
+               if n.op_type == "DequantizeLinear" and "/weight_int" in n.input[0]}
+    assert weights == {onnx.TensorProto.INT8, onnx.TensorProto.INT4}  # "grouped" is INT4
+    session, optimized = _optimized_ops(qdq, tmp_path)
+    # ORT fuses a layer whose output is quantized next (stem -> ReLU6 -> dw) and the
+    # logits' DQ -> Gemm; the rest run as float ops on dequantized integers.
+    assert optimized["QLinearConv"] >= 1 and optimized["QGemm"] >= 1, optimized
+    reference = _run(build_onnx(frozen.keras_model, "fake_quant"), images)
+    got = session.run(None, {session.get_inputs()[0].name: images})[0]
+    if cpu_info.is_x86_64() and not cpu_info.vnni_flags(cpu_info.read_cpu_flags()):
+        pytest.skip("x86 without VNNI: ORT's fused kernels may saturate (auto picks integer)")
+    step = (reference.max() - reference.min()) / 255.0  # one int8 step of the logits' range
+    assert np.abs(got - reference).max() <= step
+    assert np.mean(got.argmax(-1) == reference.argmax(-1)) >= 0.98
+
+
+def test_deploy_format_is_checked(frozen):
+    with pytest.raises(ValueError, match="deploy_format must be one of qdq, integer, got 'trt'"):
+        build_onnx(frozen.keras_model, "deploy", deploy_format="trt")
+    with pytest.raises(ValueError, match="deploy model only, not to the fake_quant model"):
+        build_onnx(frozen.keras_model, "fake_quant", deploy_format="qdq")
+
+
+@pytest.mark.parametrize("flags, machine, requested, expected, warns", [
+    ({"avx2", "avx512f", "avx512_vnni"}, "x86_64", "auto", "qdq", False),
+    ({"avx2", "avx_vnni"}, "x86_64", "auto", "qdq", False),
+    ({"avx2", "fma"}, "x86_64", "auto", "integer", False),
+    ({"avx2", "fma"}, "x86_64", "qdq", "qdq", True),
+    ({"avx512_vnni"}, "x86_64", "integer", "integer", False),
+    ({"asimd", "asimddp"}, "aarch64", "auto", "qdq", False),
+])
+def test_deploy_format_follows_the_cpu(caplog, flags, machine, requested, expected, warns):
+    with caplog.at_level(logging.INFO, logger="knowledge_distillation"):
+        assert quantize_onnx.resolve_deploy_format(requested, cpu_flags=flags,
+                                                   machine=machine) == expected
+        dtype = quantize_onnx.deploy_activation_dtype("auto", cpu_flags=flags, machine=machine,
+                                                      deploy_format=expected)
+    assert dtype == ("int8" if expected == "qdq" or "avx512_vnni" not in flags else "uint8")
+    records = [r for r in caplog.records if r.name == quantize_onnx.logger.name]
+    assert len(records) == 2 and f"{expected} format" in records[0].getMessage()
+    assert (records[0].levelno == logging.WARNING) == warns
+    if warns:
+        assert "saturate" in records[0].getMessage()

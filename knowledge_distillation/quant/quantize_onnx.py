@@ -228,7 +228,7 @@ def resolve_deploy_format(requested="auto", cpu_flags=None, machine=None):
         return chosen
     if requested == "qdq" and risky:
         logger.warning(
-            "deploy model: QDQ format as requested, but this is an %s: ONNX Runtime's fused "
+            "deploy model: qdq format as requested, but this is an %s: ONNX Runtime's fused "
             "QLinearConv can saturate its 16-bit sums here and lose accuracy (fine on a VNNI "
             "CPU and on TensorRT/OpenVINO); --deploy_format=integer is exact on any CPU", cpu)
     else:
