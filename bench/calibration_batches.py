@@ -38,7 +38,6 @@ flags.DEFINE_list("seeds", ["0"], "Calibration-sample and training seeds.")
 def main(argv):
     import numpy as np
 
-    from knowledge_distillation import data as data_lib
     from knowledge_distillation import quant
 
     model, data, view = common.float_model_and_data(

@@ -6,7 +6,8 @@ import pytest
 from keras import layers
 
 from knowledge_distillation.quant import create_distill_config
-from knowledge_distillation.quant.quantize_graph import Graph, find_units, fold_batchnorm, partition
+from knowledge_distillation.quant.quantize_graph import Graph, find_units, partition
+from knowledge_distillation.quant.quantize_layers import fold_batchnorm
 
 
 def _randomize_bn(model, seed=0):

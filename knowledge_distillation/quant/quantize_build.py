@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from knowledge_distillation.quant import quantize_graph
-from knowledge_distillation.quant.quantize_layers import QuantizedLayer
+from knowledge_distillation.quant.quantize_layers import QuantizedLayer, fold_batchnorm
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class QuantizedModel:
     def _quantized_layers(self, unit, layer, bn):
         """The `QuantizedLayer`s computing `unit`: one, or a SeparableConv2D's two
         (`<name>_depthwise`, then the pointwise part named like the layer)."""
-        kernel, bias = quantize_graph.fold_batchnorm(layer, bn, unit.kind)
+        kernel, bias = fold_batchnorm(layer, bn, unit.kind)
         cfg = self.config.layers[unit.head]
         clip = (cfg.clip_min, cfg.clip_max) if cfg.clip_max is not None else None
         common = dict(weight_dst_type=cfg.weight_dst_type, weight_algo=cfg.weight_algo,

@@ -42,6 +42,65 @@ ACT_CLIP_LR = 0.1
 WEIGHT_CLIP_LR = 1e-4
 
 
+# --- float kernels, BatchNorm folded ------------------------------------------
+
+
+def layer_kernels(layer, kind):
+    """`(kernel, bias)` of a quantizable layer in float64: bias zeros when it has none.
+
+    For "separable" the kernel is the pointwise one (the depthwise kernel
+    is `layer.depthwise_kernel`).
+    """
+    kernel = layer.pointwise_kernel if kind == "separable" else layer.kernel
+    kernel = np.asarray(keras.ops.convert_to_numpy(kernel), np.float64)
+    channels = output_channels(kind, kernel.shape)
+    bias = getattr(layer, "bias", None)
+    if bias is None or not getattr(layer, "use_bias", True):
+        bias = np.zeros(channels)
+    else:
+        bias = np.asarray(keras.ops.convert_to_numpy(bias), np.float64).reshape(channels)
+    return kernel, bias
+
+
+def output_channels(kind, kernel_shape):
+    if kind == "depthwise":
+        return kernel_shape[2] * kernel_shape[3]
+    if kind == "conv_transpose":
+        return kernel_shape[2]
+    return kernel_shape[-1]
+
+
+def fold_batchnorm(layer, bn=None, kind=None):
+    """The kernel and bias of `layer` (of quantizer `kind`; default: depthwise
+    for a DepthwiseConv2D, else a kernel with output channels last) with the
+    inference BatchNorm `bn` folded.
+
+    `bn(conv(x, W) + b) = conv(x, W * a) + (b - mean) * a + beta` with
+    `a = gamma / sqrt(var + eps)` per output channel, computed in float64.
+
+    Returns:
+        `(kernel, bias)` float32 arrays; bias is zeros when the layer has none.
+    """
+    if kind is None:
+        kind = "depthwise" if isinstance(layer, keras.layers.DepthwiseConv2D) else "dense"
+    kernel, bias = layer_kernels(layer, kind)
+    channels = output_channels(kind, kernel.shape)
+    if bn is not None:
+        gamma = bn.gamma.numpy() if bn.scale else np.ones(channels)
+        beta = bn.beta.numpy() if bn.center else np.zeros(channels)
+        mean = bn.moving_mean.numpy()
+        var = bn.moving_variance.numpy()
+        a = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + bn.epsilon)
+        if kind == "depthwise":
+            kernel = kernel * a.reshape(kernel.shape[2], kernel.shape[3])
+        elif kind == "conv_transpose":
+            kernel = kernel * a.reshape(1, 1, -1, 1)
+        else:
+            kernel = kernel * a
+        bias = (bias - mean) * a + beta
+    return kernel.astype(np.float32), bias.astype(np.float32)
+
+
 class QuantState:
     """The frozen quantization factors of one layer (what the record holds).
 
