@@ -6,7 +6,9 @@ no pretrained weights offline, the model here is keras.applications
 MobileNetV2 (alpha 1.0, weights=None) trained on Fashion-MNIST: first at
 64x64 (`bench/quant_vs_ort.py`'s model, from `--model_cache` or trained now),
 then its weights moved to a 224x224 input (the network is fully
-convolutional) and fine-tuned there on `--finetune_size` training images.
+convolutional) and fine-tuned there on `--finetune_size` training images
+(BatchNorm statistics recalibrated after each training, see
+`common.recalibrate_batchnorm`).
 The folder holds 160 Fashion-MNIST *test* images as RGB JPEGs at mixed sizes
 (160 to 300 pixels) with a `val.txt` label list (`<file> <class>`), as in
 ImageNet tooling. Then it runs exactly the README's command,
@@ -69,6 +71,8 @@ def _model_224(data_lib, models, keras):
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     start = time.perf_counter()
     model.fit(data_lib.make_dataset(x, y, 32, shuffle=True, seed=0, view=view), verbose=0)
+    common.recalibrate_batchnorm(model, data_lib.make_dataset(x, y, 32, shuffle=True, seed=1,
+                                                              view=view), batches=30)
     seconds = time.perf_counter() - start
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     save_model_atomic(model, path, {"preprocessing": "symmetric", "interpolation": "bilinear"})

@@ -114,12 +114,6 @@ APPLICATIONS = {
 # The applications that rescale their input themselves (see above).
 RESCALES_ITSELF = {"efficientnet_b0": "none"}
 MIN_APPLICATION_SIZE = 32
-# The MobileNets' BatchNorm momentum is 0.999, set for long ImageNet runs: after
-# the ~1,000 steps of a brief training their moving statistics are still a
-# third of their initial values, and the model scores at chance in inference
-# mode (measured: MobileNetV2 on 10,000 Fashion-MNIST images x 2 epochs, 10.7%
-# top-1). 0.99, Keras' default elsewhere, forgets them within a few hundred steps.
-BATCHNORM_MOMENTUM = 0.99
 
 
 def build_application(name, input_shape, num_classes, alpha_width=1.0):
@@ -147,16 +141,12 @@ def build_application(name, input_shape, num_classes, alpha_width=1.0):
                          f"{MIN_APPLICATION_SIZE}: resize with --image_size")
     kwargs = {key: (alpha_width if key == "alpha" else value) for key, value in options.items()}
     try:
-        model = builder(input_shape=tuple(input_shape), weights=None, classes=int(num_classes),
-                        classifier_activation=None, **kwargs)
+        return builder(input_shape=tuple(input_shape), weights=None, classes=int(num_classes),
+                       classifier_activation=None, **kwargs)
     except (ValueError, TypeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{name}: cannot be built for input {tuple(input_shape)}: "
                          f"{reason}") from e
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = min(float(layer.momentum), BATCHNORM_MOMENTUM)
-    return model
 
 
 TEACHERS = {
