@@ -48,6 +48,9 @@ flags.DEFINE_integer("finetune_size", 1000, "Training images of the fine-tuning 
 flags.DEFINE_integer("image_size", 224, "Input size of the quantized model.")
 flags.DEFINE_integer("num_images", 160, "Images in the folder (AMCT's sample: 160).")
 flags.DEFINE_list("quant_args", [], "Extra quantizer flags, e.g. --epochs=0.")
+flags.DEFINE_boolean("prepare_only", False,
+                     "Only make the model and the folder (run in a child process, so the "
+                     "quantizer's memory is measured alone).")
 
 
 def _model_224(data_lib, models, keras):
@@ -104,6 +107,29 @@ def _image_folder(data_lib, tf):
     return folder
 
 
+def _peak_rss_kb(proc):
+    """The child's peak resident memory (VmHWM, kB), read while it runs."""
+    import threading
+
+    peak = [0]
+
+    def poll():
+        path = f"/proc/{proc.pid}/status"
+        while proc.poll() is None:
+            try:
+                with open(path) as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peak[0] = max(peak[0], int(line.split()[1]))
+            except OSError:
+                return
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return peak
+
+
 def main(argv):
     import keras
     import tensorflow as tf
@@ -111,15 +137,31 @@ def main(argv):
     from knowledge_distillation import data as data_lib
     from knowledge_distillation import models
 
-    model_path, finetune_seconds = _model_224(data_lib, models, keras)
-    folder = _image_folder(data_lib, tf)
+    if FLAGS.prepare_only:
+        model_path, finetune_seconds = _model_224(data_lib, models, keras)
+        _image_folder(data_lib, tf)
+        common.emit({"model": model_path, "finetune_seconds": finetune_seconds})
+        return
+    prepare = subprocess.run([sys.executable, os.path.abspath(__file__), "--prepare_only",
+                              *[f"--{name}={FLAGS[name].value}" for name in
+                                ("data_path", "output_dir", "model_cache", "train_size",
+                                 "train_epochs", "finetune_size", "image_size", "num_images")]],
+                             capture_output=True, text=True)
+    if prepare.returncode != 0:
+        raise SystemExit(f"preparing failed: {prepare.stderr[-2000:]}")
+    prepared = json.loads(prepare.stdout.strip().splitlines()[-1])
+    model_path, finetune_seconds = prepared["model"], prepared["finetune_seconds"]
+    folder = os.path.join(FLAGS.output_dir, "images")
     quant_dir = os.path.join(FLAGS.output_dir, "quant")
     command = [sys.executable, "-m", "knowledge_distillation.quant", "--model", model_path,
                "--data_path", folder, "--labels_file", "val.txt", "--output_dir", quant_dir,
                *FLAGS.quant_args]
     print(" ".join(command), file=sys.stderr)
     start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak_kb = _peak_rss_kb(proc)
+    stdout, stderr = proc.communicate()
+    proc = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     wall = time.perf_counter() - start
     sys.stderr.write(proc.stderr[-4000:])
     if proc.returncode != 0:
@@ -145,6 +187,7 @@ def main(argv):
         "distill_seconds": summary["distill_seconds"],
         "quantize_seconds": summary["seconds"],
         "wall_seconds": wall,
+        "peak_rss_mb": peak_kb[0] / 1024.0,
     })
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from knowledge_distillation import data as data_lib
-from knowledge_distillation.quant import quantize_distill, quantize_onnx
+from knowledge_distillation.quant import quantize_distill, quantize_graph, quantize_onnx
 from knowledge_distillation.quant.quantize_build import create_quant_model, float32_policy
 from knowledge_distillation.quant.quantize_config import create_distill_config
 from knowledge_distillation.quant.quantize_record import save_record
@@ -192,6 +192,29 @@ def compare_logits(logits, reference):
 # --- the whole flow -------------------------------------------------------------
 
 
+# Evaluation batches hold at most this many bytes of layer outputs.
+EVAL_BATCH_BYTES = 1 << 30
+
+
+def evaluation_batch_size(model, budget=EVAL_BATCH_BYTES, largest=256):
+    """Images per evaluation batch: `largest`, fewer where every layer's output of one
+    image, summed, would put a batch over `budget` bytes (float32).
+
+    The sum bounds what a graph-mode forward pass can hold at once; at 224x224
+    MobileNetV2's layer outputs are about 27 MB per image, so 256 images would
+    hold ~7 GB (measured: the quantizer on AMCT's 160-image sample peaked at
+    16.7 GB of RSS with 256-image batches and was killed at 24 GB when it
+    distilled).
+    """
+    try:
+        graph = quantize_graph.Graph(model)
+    except ValueError:
+        return largest
+    per_image = sum(int(np.prod([d or 1 for d in shape[1:]])) for node in graph.nodes
+                    for shape in node.output_shapes) * 4
+    return int(max(1, min(largest, budget // max(per_image, 1))))
+
+
 def _calibration_images(data, size, seed, view=None):
     """A seeded sample of the training images, preprocessed through `view`, as float32."""
     n = len(data.x_train)
@@ -293,7 +316,8 @@ def _quantize(model, data, output_dir, name, paths, batch_size, calibration_size
               activation_dtype, view, deploy_format):
     start = time.perf_counter()
     x_test, y_test = data.x_test, (data.y_test if data.labelled else None)
-    reads = {"num_parallel_reads": num_parallel_reads, "view": view}
+    reads = {"num_parallel_reads": num_parallel_reads, "view": view,
+             "batch_size": evaluation_batch_size(model)}
     logger.info("quantizing %s: %d calibration images from %s train, %d test images",
                 name, min(calibration_size, len(data.x_train)), data.name, len(x_test))
     if data.test_is_train:
