@@ -17,7 +17,9 @@ ImageNet tooling. Then it runs exactly the README's command,
         --data_path OUT/images --labels_file val.txt --output_dir OUT/quant
 
 and reports the two `[INFO]` lines, the four AMCT files, the seconds per
-block and in total (from `quantize_summary.json`) and the wall time.
+block and in total (from `quantize_summary.json`), the wall time, the
+quantizer's peak memory, and the deploy model's latency in ONNX Runtime at
+batch 1 and 32 against the float ONNX export.
 
     python bench/amct_sample.py --output_dir=output/amct_sample
 
@@ -132,6 +134,7 @@ def _peak_rss_kb(proc):
 
 def main(argv):
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from knowledge_distillation import data as data_lib
@@ -169,6 +172,16 @@ def main(argv):
     info = [line for line in proc.stdout.splitlines() if line.startswith("[INFO]")]
     summary = json.load(open(os.path.join(quant_dir, "quantize_summary.json")))
     block_seconds = [b["seconds"] for b in summary["blocks"]]
+    from knowledge_distillation import quant
+
+    float_path = os.path.join(FLAGS.output_dir, "float.onnx")
+    model = models.load_model(model_path)
+    size = FLAGS.image_size
+    images = np.random.default_rng(0).uniform(-1, 1, (32, size, size, 3)).astype(np.float32)
+    model(images[:1])
+    quant.save_onnx(quant.build_onnx(model, "float"), float_path)
+    latency = common.onnx_latency({"float": float_path, "deploy": summary["paths"]["deploy_model"]},
+                                  images, seconds=2.0, rounds=3)
     files = {key: os.path.getsize(summary["paths"][key]) for key in
              ("config", "record", "fake_quant_model", "deploy_model")}
     common.emit({
@@ -188,6 +201,7 @@ def main(argv):
         "quantize_seconds": summary["seconds"],
         "wall_seconds": wall,
         "peak_rss_mb": peak_kb[0] / 1024.0,
+        "latency": latency,
     })
 
 

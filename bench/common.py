@@ -153,6 +153,35 @@ def float_model_and_data(model_path, data_path, model_name, train_size, test_siz
     return model, data, view
 
 
+def onnx_latency(paths, x, seconds=2.0, rounds=3, batches=(1, 32)):
+    """Median ms per run of each ONNX model (`{name: path}`, one of them "float") at
+    each batch size, ORT with every optimisation, in interleaved rounds of about
+    `seconds` per model; and each model's ratio to "float"."""
+    import collections
+
+    from knowledge_distillation import quant
+
+    sessions = {name: quant.onnx_session(path, optimize="all") for name, path in paths.items()}
+    result = {}
+    for batch in batches:
+        feed = x[:batch]
+        times = collections.defaultdict(list)
+        for _ in range(rounds):
+            for name, session in sessions.items():
+                input_name = session.get_inputs()[0].name
+                session.run(None, {input_name: feed})
+                runs, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds or runs < 3:
+                    session.run(None, {input_name: feed})
+                    runs += 1
+                times[name].append((time.perf_counter() - start) / runs * 1e3)
+        medians = {name: float(np.median(t)) for name, t in times.items()}
+        result[f"batch{batch}_ms"] = medians
+        result[f"batch{batch}_vs_float"] = {name: ms / medians["float"] for name, ms in
+                                            medians.items()}
+    return result
+
+
 class CalibrationReader:
     """An `onnxruntime.quantization.CalibrationDataReader` over in-memory images."""
 

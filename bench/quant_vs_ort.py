@@ -26,7 +26,8 @@ each float one with its reason), the agreement of the TF simulation, the
 fake-quant ONNX and the deploy ONNX (largest logit difference, in int8 steps
 of the logits' range too), the fused quantized ops of our QDQ deploy model
 in ORT's optimised graph, and latency at batch 1 and 32 of float ONNX, our
-QDQ and integer deploy models and ORT's QDQ model (INT8, interleaved rounds).
+QDQ and integer deploy models (int8 and uint8 activations) and ORT's QDQ
+model (INT8, interleaved rounds).
 
 Prints one JSON line.
 """
@@ -88,31 +89,6 @@ def _fused_ops(path, tmp):
     ops = collections.Counter(node.op_type for node in onnx.load(saved).graph.node)
     return {op: ops[op] for op in sorted(ops) if op in FUSED or op in
             ("Conv", "FusedConv", "Gemm", "MatMul", "ConvInteger", "MatMulInteger")}
-
-
-def _latency(paths, x):
-    """Median ms per run at batch 1 and 32 of each model, interleaved rounds."""
-    import numpy as np
-
-    sessions = {name: _session(path, "all") for name, path in paths.items()}
-    result = {}
-    for batch in (1, 32):
-        feed = x[:batch]
-        times = collections.defaultdict(list)
-        for _ in range(FLAGS.latency_rounds):
-            for name, session in sessions.items():
-                input_name = session.get_inputs()[0].name
-                session.run(None, {input_name: feed})
-                runs, start = 0, time.perf_counter()
-                while time.perf_counter() - start < FLAGS.latency_seconds or runs < 3:
-                    session.run(None, {input_name: feed})
-                    runs += 1
-                times[name].append((time.perf_counter() - start) / runs * 1e3)
-        result[f"batch{batch}_ms"] = {name: float(np.median(t)) for name, t in times.items()}
-        base = result[f"batch{batch}_ms"]["float"]
-        result[f"batch{batch}_vs_float"] = {name: ms / base for name, ms in
-                                            result[f"batch{batch}_ms"].items()}
-    return result
 
 
 def main(argv):
@@ -185,6 +161,11 @@ def main(argv):
                     if bits == "INT8":
                         latency_paths["ours_qdq"] = saved["deploy_model"]
                         latency_paths["ours_integer"] = integer_path
+                        uint8_path = os.path.join(out, "integer_uint8.onnx")
+                        quant.save_onnx(quant.build_onnx(
+                            qmodel.keras_model, "deploy", activation_dtype="uint8",
+                            deploy_format="integer"), uint8_path)
+                        latency_paths["ours_integer_uint8"] = uint8_path
                 print(f"{bits} epochs={epochs}: {rows[-1]}", file=sys.stderr)
             for method in FLAGS.ort_methods:
                 out = os.path.join(tmp, f"ort_{bits}_{method}.onnx")
@@ -206,7 +187,8 @@ def main(argv):
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 rows.append(row)
                 print(f"{row}", file=sys.stderr)
-        latency = _latency(latency_paths, x_test) if FLAGS.latency_seconds > 0 else None
+        latency = common.onnx_latency(latency_paths, x_test, FLAGS.latency_seconds,
+                                      FLAGS.latency_rounds) if FLAGS.latency_seconds > 0 else None
     common.emit({
         "bench": "quant_vs_ort",
         "config": {"model": FLAGS.model or FLAGS.model_name, "view": view.describe(),
