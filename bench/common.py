@@ -196,7 +196,8 @@ class CalibrationReader:
 def define_float_model_flags(flags):
     """The flags that pick (or train) the float model the ONNX benchmarks start from."""
     flags.DEFINE_string("data_path", "/usr/share/datasets/fashion-mnist", "MNIST-format data folder.")
-    flags.DEFINE_string("model", None, "Float .keras model (default: train --student here).")
+    flags.DEFINE_string("model", None, "Float .keras model (default: train --model_name here; give --model_name "
+                        "too for a keras.applications file, whose view it sets).")
     flags.DEFINE_string("model_name", "mlp_student",
                         "Zoo model (ours or keras.applications: mobilenet_v2, mobilenet_v3_small, "
                         "resnet50, efficientnet_b0, convnext_tiny) trained when --model is not "

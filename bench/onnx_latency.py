@@ -88,6 +88,7 @@ def main(argv):
         if FLAGS.float_onnx and FLAGS.deploy_onnx:
             float_path, deploy_path = FLAGS.float_onnx, FLAGS.deploy_onnx
             data = data_lib.load_data(FLAGS.data_path, train_size=64, test_size=64)
+            view = common.model_view(FLAGS.model_name, FLAGS.image_size, FLAGS.preprocessing)
         else:
             model, data, view = common.float_model_and_data(
                 FLAGS.model, FLAGS.data_path, FLAGS.model_name, FLAGS.train_size, 2000,

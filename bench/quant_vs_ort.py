@@ -97,7 +97,6 @@ def main(argv):
     from onnxruntime import quantization as oq
 
     from knowledge_distillation import quant
-    from knowledge_distillation.quant import quantize_graph
 
     model, data, view = common.float_model_and_data(
         FLAGS.model, FLAGS.data_path, FLAGS.model_name, FLAGS.train_size, FLAGS.test_size,
@@ -114,8 +113,8 @@ def main(argv):
         return quant.topk_accuracy(logits, y_test)[0]
 
     float_logits = model.predict(x_test, batch_size=256, verbose=0)
-    graph = quantize_graph.Graph(model)
-    units, _, unsupported = quantize_graph.find_units(graph)
+    planned = quant.create_quant_model(model, quant.create_distill_config(model))
+    float_layers = planned.float_layers()
     rows = []
     fused, latency_paths = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -198,9 +197,9 @@ def main(argv):
         "machine": common.machine(),
         "float_top1": top1(float_logits),
         "float_onnx_top1": top1(float_onnx_logits),
-        "coverage": {"quantized": len(units), "with_weights": len(units) + len(unsupported),
-                     "float_layers": [{"layer": name, "type": graph.by_name[name].type_name,
-                                       "reason": reason} for name, reason in unsupported.items()]},
+        "coverage": {"quantized": len(planned.units),
+                     "with_weights": len(planned.units) + len(float_layers),
+                     "float_layers": float_layers},
         "qdq_fused_ops": fused,
         "latency": latency,
         "rows": rows,

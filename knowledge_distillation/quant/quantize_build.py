@@ -147,10 +147,16 @@ class QuantizedModel:
         if unit.kind == "conv_transpose":
             conv_args["output_padding"] = layer.output_padding
         if unit.kind == "separable":
+            part = f"{unit.head}_depthwise"
+            if part in self.graph.by_name:
+                raise ValueError(
+                    f"layer {part!r} of model {self.float_model.name!r} has the name the "
+                    f"quantizer gives the depthwise part of SeparableConv2D {unit.head!r}: "
+                    "rename one of them")
             depthwise = np.asarray(keras.ops.convert_to_numpy(layer.depthwise_kernel), np.float32)
             first = QuantizedLayer(
                 "depthwise", depthwise, np.zeros(int(np.prod(depthwise.shape[2:])), np.float32),
-                clip_init=clip, name=f"{unit.head}_depthwise", **conv_args, **common)
+                clip_init=clip, name=part, **conv_args, **common)
             second = QuantizedLayer("conv2d", kernel, bias, activation=layer.activation,
                                     name=unit.head, **common)
             return [first, second]
@@ -158,13 +164,30 @@ class QuantizedModel:
                                name=unit.head, **conv_args, **common)]
 
     def float_layers(self):
-        """Every layer with weights that stays float: `[{layer, type, reason}]` in graph order."""
-        reasons = dict(self.unsupported)
-        for name in self.skipped:
-            reasons[name] = ("quant_enable is false in the distill config "
-                             "(quant_skip_layers / quant_skip_layer_types)")
-        return [{"layer": node.name, "type": node.type_name, "reason": reasons[node.name]}
-                for node in self.graph.nodes if node.name in reasons]
+        """Every layer with weights that stays float: `[{layer, type, reason}]` in graph order.
+
+        That is a Conv/Dense-like layer the quantizer cannot handle, one the config
+        skips, and a layer with weights of another kind (LayerNormalization,
+        Normalization, a BatchNormalization that is not folded, ConvNeXt's LayerScale):
+        these run in float between the quantized layers.
+        """
+        in_units = {name for unit in self.units.values() for name in unit.names}
+        rows = []
+        for node in self.graph.nodes:
+            layer = node.layer
+            if node.name in self.unsupported:
+                reason = self.unsupported[node.name]
+            elif node.name in self.skipped:
+                reason = ("quant_enable is false in the distill config "
+                          "(quant_skip_layers / quant_skip_layer_types)")
+            elif (node.name not in in_units and isinstance(layer, keras.layers.Layer)
+                  and layer.weights
+                  and not isinstance(layer, quantize_graph.TRAINING_ONLY_TYPES)):
+                reason = "no quantized form: it runs in float between the quantized layers"
+            else:
+                continue
+            rows.append({"layer": node.name, "type": node.type_name, "reason": reason})
+        return rows
 
     # -- blocks -------------------------------------------------------------
 

@@ -266,8 +266,9 @@ def quantizable_kind(layer, input_shapes):
                       (None, None))
     if kind is None:
         return None, f"not a layer the quantizer handles ({', '.join(QUANTIZABLE_TYPE_NAMES)})"
-    if type(layer).call is not base.call:
-        return None, f"a subclass of {base.__name__} that overrides call()"
+    for method in ("call", "convolution_op"):
+        if hasattr(base, method) and getattr(type(layer), method) is not getattr(base, method):
+            return None, f"a subclass of {base.__name__} that overrides {method}()"
     if getattr(layer, "lora_enabled", False):
         return None, "LoRA is enabled"
     policy = getattr(layer, "dtype_policy", None)

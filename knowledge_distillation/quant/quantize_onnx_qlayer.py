@@ -100,14 +100,14 @@ def _conv_transpose_spec(layer, input_shape, output_shape, kernel_shape):
     extra = pair(layer.output_padding) if layer.output_padding is not None else (0, 0)
     if None in tuple(input_shape[1:3]) + tuple(output_shape[1:3]):
         raise Unsupported("Conv2DTranspose with unknown spatial sizes")
+    del extra  # TensorFlow's crop does not depend on it; the output size does
     begins, ends, output_padding = [], [], []
-    for size, out, k, s, e in zip(input_shape[1:3], output_shape[1:3], kernel_shape[:2], strides,
-                                  extra):
-        total = (size - 1) * s + k + e - out
-        pad = max(total, 0)
+    for size, out, k, s in zip(input_shape[1:3], output_shape[1:3], kernel_shape[:2], strides):
+        full = (size - 1) * s + k  # the transposed convolution before any crop
+        pad = max(full - out, 0)  # TF crops pad // 2 at the start, the rest at the end
         begins.append(pad // 2)
         ends.append(pad - pad // 2)
-        output_padding.append(e + max(-total, 0))
+        output_padding.append(out - (full - pad))
     return dict(strides=list(strides), kernel_shape=list(kernel_shape[:2]),
                 pads=begins + ends, output_padding=output_padding)
 
