@@ -253,8 +253,9 @@ def deploy_activation_dtype(requested="auto", cpu_flags=None, machine=None, depl
             there too, e.g. off Linux: unknown, and "auto" is "int8").
         machine: `platform.machine()` to assume; defaults to this one's.
         deploy_format: the deploy model's form; with "qdq", "auto" is
-            "int8" (ORT's recommended S8S8 QDQ; measured at least as fast
-            as uint8 here).
+            "int8" (ORT's recommended S8S8 QDQ; in one probe here, an
+            untrained MobileNetV2 at 32x32, batch 32: 15 ms against 19 ms
+            with uint8).
     """
     check_requested_activation_dtype(requested)
     x86, flags, vnni, cpu = _describe_cpu(cpu_flags, machine)
