@@ -270,11 +270,15 @@ def test_uint8_and_int8_deploy_activations_give_identical_logits(small_data):
     np.testing.assert_array_equal(got, qmodel.keras_model(images).numpy())
 
 
-def test_activation_dtype_is_checked(frozen):
-    with pytest.raises(ValueError, match="activation_dtype must be one of int8, uint8, got 'auto'"):
-        build_onnx(frozen.keras_model, "deploy", activation_dtype="auto")
-    with pytest.raises(ValueError, match="deploy model only, not to the fake_quant model"):
-        build_onnx(frozen.keras_model, "fake_quant", activation_dtype="uint8")
+@pytest.mark.parametrize("mode, options, message", [
+    ("deploy", {"activation_dtype": "auto"}, "activation_dtype must be one of int8, uint8, got 'auto'"),
+    ("fake_quant", {"activation_dtype": "uint8"}, "deploy model only, not to the fake_quant model"),
+    ("deploy", {"deploy_format": "trt"}, "deploy_format must be one of qdq, integer, got 'trt'"),
+    ("fake_quant", {"deploy_format": "qdq"}, "deploy model only, not to the fake_quant model"),
+])
+def test_deploy_options_are_checked(frozen, mode, options, message):
+    with pytest.raises(ValueError, match=message):
+        build_onnx(frozen.keras_model, mode, **options)
 
 
 @pytest.mark.parametrize("flags, machine, requested, expected, warns", [
@@ -373,13 +377,6 @@ def test_qdq_deploy_model_is_fused_by_ort_and_follows_the_fake_quant_model(froze
     step = (reference.max() - reference.min()) / 255.0  # one int8 step of the logits' range
     assert np.abs(got - reference).max() <= step
     assert np.mean(got.argmax(-1) == reference.argmax(-1)) >= 0.98
-
-
-def test_deploy_format_is_checked(frozen):
-    with pytest.raises(ValueError, match="deploy_format must be one of qdq, integer, got 'trt'"):
-        build_onnx(frozen.keras_model, "deploy", deploy_format="trt")
-    with pytest.raises(ValueError, match="deploy model only, not to the fake_quant model"):
-        build_onnx(frozen.keras_model, "fake_quant", deploy_format="qdq")
 
 
 @pytest.mark.parametrize("flags, machine, requested, expected, warns", [

@@ -83,7 +83,7 @@ def _value_info(name, shape, elem_type=TensorProto.FLOAT):
     return helper.make_tensor_value_info(name, elem_type, dims)
 
 
-def _check_activation_dtype(value, allowed, what):
+def _check_choice(value, allowed, what):
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
@@ -113,11 +113,11 @@ def build_onnx(keras_model, mode, name=None, activation_dtype="int8", deploy_for
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    _check_activation_dtype(activation_dtype, ACTIVATION_DTYPES, "activation_dtype")
+    _check_choice(activation_dtype, ACTIVATION_DTYPES, "activation_dtype")
     if mode != "deploy" and activation_dtype != "int8":
         raise ValueError(f"activation_dtype {activation_dtype!r} applies to the deploy model "
                          f"only, not to the {mode} model")
-    _check_activation_dtype(deploy_format, DEPLOY_FORMATS, "deploy_format")
+    _check_choice(deploy_format, DEPLOY_FORMATS, "deploy_format")
     if mode != "deploy" and deploy_format != "integer":
         raise ValueError(f"deploy_format {deploy_format!r} applies to the deploy model "
                          f"only, not to the {mode} model")
@@ -178,7 +178,7 @@ def save_onnx(model, path):
 
 def check_requested_activation_dtype(requested):
     """Raises ValueError unless `requested` is "auto", "int8" or "uint8"."""
-    _check_activation_dtype(requested, ("auto",) + ACTIVATION_DTYPES, "deploy activation dtype")
+    _check_choice(requested, ("auto",) + ACTIVATION_DTYPES, "deploy activation dtype")
 
 
 def _describe_cpu(cpu_flags, machine):
@@ -200,7 +200,7 @@ def _describe_cpu(cpu_flags, machine):
 
 def check_requested_deploy_format(requested):
     """Raises ValueError unless `requested` is "auto", "qdq" or "integer"."""
-    _check_activation_dtype(requested, ("auto",) + DEPLOY_FORMATS, "deploy format")
+    _check_choice(requested, ("auto",) + DEPLOY_FORMATS, "deploy format")
 
 
 def resolve_deploy_format(requested="auto", cpu_flags=None, machine=None):
