@@ -51,7 +51,7 @@ def main(argv=None):
         if multi_worker:
             compat.end_multi_worker_process(1)
         return 1
-    print(train.format_summary(summary))
+    print(format_summary(summary))
     print(f"summary written to {os.path.join(config.output_dir, train.SUMMARY_FILE)}")
     if multi_worker:
         compat.end_multi_worker_process(0)
@@ -61,3 +61,20 @@ def main(argv=None):
 def run():
     """Console-script entry point."""
     sys.exit(main())
+
+
+def format_summary(summary):
+    """The final summary as the lines the CLI prints."""
+    rows = [("teacher", summary["teacher"]), ("scratch student", summary["scratch"]),
+            ("distilled student", summary["distilled"])]
+    lines = ["------------------ Summary ------------------"]
+    for label, row in rows:
+        lines.append(
+            f"{label:<18} test accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
+            f"  params {row['parameters']}"
+        )
+    gain = summary["distilled"]["accuracy"] - summary["scratch"]["accuracy"]
+    lines.append(f"distillation gain over scratch: {gain * 100:+.2f} points")
+    lines.append(f"distillation throughput: {summary['examples_per_sec'] or 0:.1f} examples/sec")
+    lines.append(f"wall time: {summary['wall_time_sec']:.1f} s")
+    return "\n".join(lines)

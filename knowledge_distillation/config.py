@@ -24,6 +24,10 @@ DEFAULT_DATA_PATH = "/usr/share/datasets/fashion-mnist"
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area")
 PREPROCESSINGS = ("unit", "symmetric", "caffe", "torch", "none")
 CACHE_IMAGES = ("none", "memory", "disk")
+# Distillation losses (kd.losses.distillation_loss) and their default temperatures.
+DISTILLATION_LOSSES = ("kd", "kl", "dist")
+DEFAULT_TEMPERATURES = {"kd": 10.0, "kl": 1.0, "dist": 1.0}
+AUGMENT_MIXES = ("none", "mixup", "cutmix")
 # Training steps per compiled call on GPU/CPU when nothing inspects every
 # step: at batch 32 a small student's step is mostly per-call overhead
 # (measured: the seed student's epoch 0.44x, the 2x800 MLP's 0.80-0.91x).
@@ -133,7 +137,11 @@ class TrainConfig:
         log_steps: interval, in steps, of the throughput log.
         alpha: weight of the student (label) loss; `1 - alpha` weighs the
             distillation loss.
-        temperature: softmax temperature of the distillation loss.
+        temperature: softmax temperature of the distillation loss; None for
+            the loss's default (`DEFAULT_TEMPERATURES`: 10 for kd, 1 for kl
+            and dist).
+        distillation_loss: "kd" (Hinton), "kl" (KL at T=1, function
+            matching) or "dist" (DIST, Huang et al. 2022).
         learning_rate: Adam learning rate of all three models.
         seed: seed of weights initialisation and data shuffling.
         output_dir: where models, checkpoints, logs and `summary.json` go.
@@ -145,7 +153,16 @@ class TrainConfig:
         max_steps: if set, bounds the steps of every epoch (perf runs).
         train_size: if set, uses only the first `train_size` training examples.
         test_size: if set, uses only the first `test_size` test examples.
-        cache_teacher: compute teacher logits once instead of every step.
+        cache_teacher: compute teacher logits once instead of every step
+            (without augmentation).
+        augment: augment the training batches (teacher, scratch and
+            distilled students alike; see `kd.augment`).
+        augment_shift: pixels of the random shift with `augment`.
+        augment_flip: random horizontal flips with `augment` (off for digits).
+        augment_mix: "none", "mixup" or "cutmix" with `augment`.
+        augment_mix_alpha: the Beta(alpha, alpha) of the mixing weight.
+        teacher_views: with `augment`, 0 runs the teacher on every step;
+            K > 0 caches its logits on K fixed views per image.
         steps_per_execution: training steps per compiled call (Keras
             `steps_per_execution`); None picks it per device (see
             `DeviceSession.steps_per_execution`).
@@ -177,7 +194,8 @@ class TrainConfig:
     batch_size: int = 32
     log_steps: int = 100
     alpha: float = 0.1
-    temperature: float = 10.0
+    temperature: Optional[float] = None
+    distillation_loss: str = "kd"
     learning_rate: float = 1e-3
     seed: int = 42
     output_dir: str = "output"
@@ -189,6 +207,12 @@ class TrainConfig:
     train_size: Optional[int] = None
     test_size: Optional[int] = None
     cache_teacher: bool = True
+    augment: bool = False
+    augment_shift: int = 2
+    augment_flip: bool = True
+    augment_mix: str = "none"
+    augment_mix_alpha: float = 1.0
+    teacher_views: int = 0
     steps_per_execution: Optional[int] = None
     quantize: bool = False
     labels_file: Optional[str] = None
@@ -216,15 +240,24 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None:
                 _check_positive(name, value)
-        for name in ("alpha", "temperature", "learning_rate"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
+        for name in ("alpha", "temperature", "learning_rate", "augment_mix_alpha"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name} must be a finite number, got {value}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"--alpha must be between 0.0 and 1.0, got {self.alpha}")
-        if self.temperature <= 0:
+        if self.temperature is not None and self.temperature <= 0:
             raise ValueError(
                 f"--temperature must be positive, got {self.temperature}"
             )
+        if self.distillation_loss not in DISTILLATION_LOSSES:
+            raise ValueError(f"--distillation_loss must be one of "
+                             f"{', '.join(DISTILLATION_LOSSES)}, got {self.distillation_loss!r}")
+        if self.distillation_loss == "kl" and self.temperature not in (None, 1.0):
+            raise ValueError(f"--distillation_loss kl is KL at T=1 (function matching), got "
+                             f"--temperature {self.temperature}: use --distillation_loss kd "
+                             "for a softened KL")
+        self._check_augment()
         if self.learning_rate <= 0:
             raise ValueError(
                 f"--learning_rate must be positive, got {self.learning_rate}"
@@ -237,6 +270,50 @@ class TrainConfig:
                              f"got {self.cache_images!r}")
         if not (math.isfinite(self.alpha_width) and self.alpha_width > 0):
             raise ValueError(f"--alpha_width must be a positive number, got {self.alpha_width}")
+
+    def _check_augment(self):
+        if self.augment_shift < 0:
+            raise ValueError(f"--augment_shift must be >= 0 pixels, got {self.augment_shift}")
+        if self.augment_mix not in AUGMENT_MIXES:
+            raise ValueError(f"--augment_mix must be one of {', '.join(AUGMENT_MIXES)}, "
+                             f"got {self.augment_mix!r}")
+        if self.augment_mix_alpha <= 0:
+            raise ValueError(f"--augment_mix_alpha must be positive, got {self.augment_mix_alpha}")
+        if self.teacher_views < 0:
+            raise ValueError(f"--teacher_views must be >= 0, got {self.teacher_views}")
+        if not self.augment:
+            changed = [f"--{name}" for name, default in (
+                ("augment_shift", 2), ("augment_flip", True), ("augment_mix", "none"),
+                ("augment_mix_alpha", 1.0), ("teacher_views", 0))
+                if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set without --augment: nothing is "
+                                 "augmented unless --augment is given")
+            return
+        if self.teacher_views and self.augment_mix != "none":
+            raise ValueError(
+                f"--teacher_views {self.teacher_views} with --augment_mix {self.augment_mix}: "
+                "mixing pairs images within a batch, so its views cannot be cached per image; "
+                "use --teacher_views 0 (the teacher runs on every step) or --augment_mix none")
+        if self.teacher_views and not (self.augment_shift or self.augment_flip):
+            raise ValueError("--teacher_views needs --augment_shift > 0 or --augment_flip: "
+                             "there is nothing to draw views from")
+        if self.teacher_views and not self.cache_teacher:
+            raise ValueError(f"--teacher_views {self.teacher_views} caches teacher logits; "
+                             "--nocache_teacher asks for none: drop one of them")
+        if self.teacher_image_size is not None and self.teacher_image_size != self.image_size:
+            raise ValueError("--augment with --teacher_image_size: the teacher must see the "
+                             "student's very view; drop --teacher_image_size")
+        if self.distribute.distributed:
+            raise ValueError("--augment does not run under --distributed yet (its epoch "
+                             "counter is per process); train on one device")
+
+    @property
+    def distill_temperature(self):
+        """The temperature of the distillation loss: `--temperature`, else the loss's default."""
+        if self.temperature is not None:
+            return self.temperature
+        return DEFAULT_TEMPERATURES[self.distillation_loss]
 
     @property
     def teacher_epochs(self):

@@ -14,7 +14,9 @@ import sys
 from absl import flags
 
 from knowledge_distillation.config import (
+    AUGMENT_MIXES,
     CACHE_IMAGES,
+    DISTILLATION_LOSSES,
     DEFAULT_DATA_PATH,
     INTERPOLATIONS,
     PREPROCESSINGS,
@@ -108,7 +110,11 @@ def define_trainer_flags(fv):
     flags.DEFINE_integer("batch_size", 32, "Examples per step.", flag_values=fv)
     flags.DEFINE_integer("log_steps", 100, "Steps between throughput log lines.", flag_values=fv)
     flags.DEFINE_float("alpha", 0.1, "Weight of the label loss (1 - alpha weighs distillation).", flag_values=fv)
-    flags.DEFINE_float("temperature", 10.0, "Distillation softmax temperature.", flag_values=fv)
+    flags.DEFINE_float("temperature", None, "Distillation softmax temperature (default: 10 "
+                       "for kd, 1 for dist; kl is T=1).", flag_values=fv)
+    flags.DEFINE_enum("distillation_loss", "kd", list(DISTILLATION_LOSSES),
+                      "kd: Hinton's T^2 KL; kl: KL at T=1 (function matching); dist: DIST "
+                      "(Pearson correlations between and within classes).", flag_values=fv)
     flags.DEFINE_float("learning_rate", 1e-3, "Adam peak learning rate (cosine decay to 0).", flag_values=fv)
     flags.DEFINE_integer("seed", 42, "Seed of initial weights and shuffling.", flag_values=fv)
     flags.DEFINE_string("output_dir", "output", "Models, checkpoints, logs and summary.json.", flag_values=fv)
@@ -127,6 +133,22 @@ def define_trainer_flags(fv):
     flags.DEFINE_boolean(
         "cache_teacher", True,
         "Compute teacher logits once instead of on every step.", flag_values=fv)
+    flags.DEFINE_boolean(
+        "augment", False,
+        "Augment the training batches: teacher and student see the same view (function "
+        "matching); the scratch student gets the same batches.", flag_values=fv)
+    flags.DEFINE_integer("augment_shift", 2, "With --augment: random shift, in pixels "
+                         "(pad and crop; 0 for none).", flag_values=fv)
+    flags.DEFINE_boolean("augment_flip", True, "With --augment: random horizontal flips "
+                         "(--noaugment_flip for digits or text).", flag_values=fv)
+    flags.DEFINE_enum("augment_mix", "none", list(AUGMENT_MIXES),
+                      "With --augment: mix pairs of images (and labels).", flag_values=fv)
+    flags.DEFINE_float("augment_mix_alpha", 1.0, "Beta(alpha, alpha) of the mixing weight.",
+                       flag_values=fv)
+    flags.DEFINE_integer(
+        "teacher_views", 0,
+        "With --augment: 0 runs the teacher on every step; K caches its logits on K fixed "
+        "views per image, one used per epoch.", flag_values=fv)
     flags.DEFINE_integer(
         "steps_per_execution", None,
         "Training steps per compiled call (default: %d on GPU/CPU, 1 on Ascend and with "

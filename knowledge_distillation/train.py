@@ -23,11 +23,13 @@ import tensorflow as tf
 from knowledge_distillation import compat
 from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
-from knowledge_distillation import models, rundir
+from knowledge_distillation import models, rundir, teacher_feed
 from knowledge_distillation.compat import keras
 from knowledge_distillation.inputs import (
-    model_metadata, prepare_inputs, streams, teacher_view_version)
-from knowledge_distillation.kd import teacher_cache
+    model_metadata, prepare_inputs, streams)
+from knowledge_distillation.kd import augment as augment_lib
+from knowledge_distillation.kd.losses import (
+    LabelCrossentropy, accuracy_metric, distillation_loss)
 from knowledge_distillation.phase import Phase, check_backup, check_finite_weights, finite_or_null
 from knowledge_distillation.ascend.device import setup_device
 from knowledge_distillation.kd.distiller import Distiller
@@ -52,11 +54,11 @@ def _optimizer(config, steps_per_epoch, epochs, session):
     return session.wrap_optimizer(keras.optimizers.Adam(schedule))
 
 
-def _classifier_compile(model, optimizer, session, steps_per_execution=1):
+def _classifier_compile(model, optimizer, session, steps_per_execution=1, soft_labels=False):
     model.compile(
         optimizer=optimizer,
-        loss=compat.classification_loss(),
-        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        loss=LabelCrossentropy() if soft_labels else compat.classification_loss(),
+        metrics=[accuracy_metric(soft_labels)],
         steps_per_execution=steps_per_execution,
         **session.compile_kwargs(),
     )
@@ -97,13 +99,25 @@ class Trainer:
         self.steps_per_execution = 1
 
     # -- data ------------------------------------------------------------
-    # The training pipeline's random augmentation, if any (None: data.make_dataset
-    # only shuffles). Whoever adds augmentation names it here: the teacher cache
-    # is then bypassed and the teacher runs on every step.
-    train_augmentation = None
+    @property
+    def augmentation(self):
+        """The `--augment` settings (`kd.augment.Augmentation`), or None."""
+        return teacher_feed.augmentation(self.config)
 
-    def _train_ds(self, extra=None, lookup=None, data=None, view=None, teacher_view=None):
-        """The shuffled training batches (the same order for every phase: same seed, same indices)."""
+    @property
+    def soft_labels(self):
+        return self.augmentation is not None and self.augmentation.mixes
+
+    def _batch_augment(self):
+        """A fresh per-step augmentation (its own epoch counter) for one phase, or None."""
+        return teacher_feed.batch_augment(self.config, self.data.num_classes)
+
+    def _train_ds(self, extra=None, lookup=None, data=None, view=None, teacher_view=None,
+                  augment=None):
+        """The shuffled training batches (the same order for every phase: same seed, same indices).
+
+        With `augment` every phase also gets the same views of them (see `kd.augment`).
+        """
         cfg = self.config
         data = data or self.data
         ds = data_lib.make_dataset(
@@ -116,7 +130,10 @@ class Trainer:
             extra=extra,
             view=view or self.view,
             teacher_view=teacher_view,
+            augment=augment,
         )
+        if augment is not None and augment.teacher_outputs:
+            ds = ds.map(lambda x, y, t: ((x, t), y))
         if extra is not None:
             ds = ds.map(lookup or (lambda x, y, t: ((x, t), y)))
         if cfg.max_steps is not None:
@@ -171,7 +188,7 @@ class Trainer:
             model = self._build(cfg.student, None, "--student", self.input_shape)
         return self.session.prepare_model(model)
 
-    def _fit(self, phase, model, target, train_ds, epochs):
+    def _fit(self, phase, model, target, train_ds, epochs, augment=None):
         logger.info(
             "%s: training %s (%d parameters) for %d epochs of %d steps",
             phase.name,
@@ -183,10 +200,14 @@ class Trainer:
         check_backup(phase)
         start = time.perf_counter()
         self.dist.prepare_fit(model)
+        callbacks = phase.callbacks(target, self.session) + self.dist.callbacks(model, target)
+        if augment is not None:
+            # After BackupAndRestore: a resumed run continues the augmentation stream.
+            callbacks.append(augment_lib.ResumeEpoch(augment.counter, compat.restored_epoch))
         history = model.fit(
             train_ds,
             epochs=epochs,
-            callbacks=phase.callbacks(target, self.session) + self.dist.callbacks(model, target),
+            callbacks=callbacks,
             verbose=_verbose(),
         )
         seconds = time.perf_counter() - start
@@ -232,10 +253,11 @@ class Trainer:
             )
         _classifier_compile(
             model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session),
-            self.session, self.steps_per_execution,
+            self.session, self.steps_per_execution, self.soft_labels,
         )
-        train_ds = self._train_ds(data=self.teacher_data, view=self.teacher_view)
-        stats = self._fit(phase, model, model, train_ds, cfg.teacher_epochs)
+        augment = self._batch_augment()
+        train_ds = self._train_ds(data=self.teacher_data, view=self.teacher_view, augment=augment)
+        stats = self._fit(phase, model, model, train_ds, cfg.teacher_epochs, augment)
         return model, {"trained": True, **stats}
 
     def scratch(self):
@@ -246,8 +268,13 @@ class Trainer:
             return model, {"resumed": True}
         model = self._fresh_student()
         _classifier_compile(model, _optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
-                            self.session, self.steps_per_execution)
-        stats = self._fit(phase, model, model, self._train_ds(), cfg.epoch)
+                            self.session, self.steps_per_execution, self.soft_labels)
+        augment = self._batch_augment()
+        if augment is not None:
+            logger.info("scratch: training batches augmented (%s), as the distilled student's",
+                        augment.describe())
+        stats = self._fit(phase, model, model, self._train_ds(augment=augment), cfg.epoch,
+                          augment)
         return model, stats
 
     def distill(self, teacher):
@@ -257,41 +284,19 @@ class Trainer:
         if model is not None:
             return model, {"resumed": True}
         student = self._fresh_student()
-        cached, why = teacher_cache.cache_decision(self.train_augmentation)
-        own_view = self.teacher_view != self.view
-        if cached and cfg.cache_teacher:
-            logger.info("distilled: %s: teacher logits are computed once and cached", why)
-            outputs = teacher_cache.teacher_outputs(
-                teacher,
-                self.teacher_data.x_train,
-                lambda x: self.teacher_logits(teacher, x, self.teacher_view),
-                cache_dir=os.path.join(cfg.output_dir, "teacher_cache"),
-                preprocess=data_lib.preprocess,
-                preprocessing_version=teacher_view_version(self.teacher_view),
-            )
-            train_ds = self._train_ds(extra=outputs.column(), lookup=outputs.lookup)
-            cache_state = outputs.source
-        else:
-            cached = False
-            logger.info("distilled: the teacher runs on every training step (%s)%s",
-                        why if cfg.cache_teacher else "--nocache_teacher",
-                        f"; it gets its own copy of each batch at {self.teacher_shape}"
-                        if own_view else "")
-            if own_view and self.teacher_data is not self.data:
-                logger.info("distilled: both copies are made from the image files (the "
-                            "--cache_images copy is at the student's size only)")
-            train_ds = self._train_ds(
-                data=self.teacher_data, teacher_view=self.teacher_view if own_view else None)
-            cache_state = "off"
+        feed = teacher_feed.distillation_feed(self, teacher)
+        train_ds = feed.train_ds
         distiller = Distiller(
-            teacher=teacher, student=student, teacher_outputs_in_data=cached,
-            teacher_input_in_data=own_view and not cached,
+            teacher=teacher, student=student, teacher_outputs_in_data=feed.cached,
+            teacher_input_in_data=feed.own_view and not feed.cached,
         )
         distiller.compile(
             optimizer=_optimizer(cfg, self.steps_per_epoch, cfg.epoch, self.session),
-            metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            metrics=[accuracy_metric(self.soft_labels)],
+            student_loss_fn=LabelCrossentropy() if self.soft_labels else None,
+            distillation_loss_fn=distillation_loss(cfg.distillation_loss,
+                                                   cfg.distill_temperature),
             alpha=cfg.alpha,
-            temperature=cfg.temperature,
             steps_per_execution=self.steps_per_execution,
             **self.session.compile_kwargs(),
         )
@@ -300,14 +305,18 @@ class Trainer:
         # seeded shuffle order, and the distilled student would then see the
         # scratch student's epoch k+1 order in its epoch k.
         distiller(_zeros_like_spec(train_ds.element_spec[0]))
-        stats = self._fit(phase, distiller, student, train_ds, cfg.epoch)
-        return student, {**stats, "teacher_cache": cache_state}
+        stats = self._fit(phase, distiller, student, train_ds, cfg.epoch, feed.augment)
+        return student, {**stats, "teacher_cache": feed.cache_state, "teacher_feed": feed.kind,
+                         "teacher_cache_sec": feed.cache_seconds}
 
-    def teacher_logits(self, teacher, x=None, view=None):
-        """Teacher logits of `x` (default: the training split), batched, inference mode."""
+    def teacher_logits(self, teacher, x=None, view=None, geometry=None):
+        """Teacher logits of `x` (default: the training split), batched, inference mode.
+
+        `geometry`: a fixed shift/flip per image (a cached view, `ViewTable.view_geometry`).
+        """
         x = self.teacher_data.x_train if x is None else x
         ds = data_lib.make_dataset(x, np.zeros(len(x), np.int64), 512,
-                                   view=view or self.teacher_view)
+                                   view=view or self.teacher_view, geometry=geometry)
         inputs = self.dist.shard(ds.map(lambda x, y: x), training=False)
         return batched_predict(teacher, inputs, compiled=True).astype(np.float32)
 
@@ -451,6 +460,14 @@ class Trainer:
                 "preprocessing": self.view.preprocessing,
                 "interpolation": self.view.interpolation,
             },
+            "recipe": {
+                "augmentation": self.augmentation.describe() if self.augmentation else "none",
+                "teacher": distill_stats.get("teacher_feed"),
+                "teacher_views": cfg.teacher_views,
+                "distillation_loss": cfg.distillation_loss,
+                "temperature": cfg.distill_temperature,
+                "alpha": cfg.alpha,
+            },
             "dtype_policy": keras.mixed_precision.global_policy().name,
             "stack": compat.environment(),
             "distribute": self.dist.describe(),
@@ -478,20 +495,3 @@ class Trainer:
 def run(config):
     """Runs one knowledge-distillation configuration; returns the summary dict."""
     return Trainer(config).run()
-
-
-def format_summary(summary):
-    """The final summary as the lines the CLI prints."""
-    rows = [("teacher", summary["teacher"]), ("scratch student", summary["scratch"]),
-            ("distilled student", summary["distilled"])]
-    lines = ["------------------ Summary ------------------"]
-    for label, row in rows:
-        lines.append(
-            f"{label:<18} test accuracy {row['accuracy']:.4f}  loss {row['loss']:.4f}"
-            f"  params {row['parameters']}"
-        )
-    gain = summary["distilled"]["accuracy"] - summary["scratch"]["accuracy"]
-    lines.append(f"distillation gain over scratch: {gain * 100:+.2f} points")
-    lines.append(f"distillation throughput: {summary['examples_per_sec'] or 0:.1f} examples/sec")
-    lines.append(f"wall time: {summary['wall_time_sec']:.1f} s")
-    return "\n".join(lines)

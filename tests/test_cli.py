@@ -148,15 +148,23 @@ def test_user_teacher_model_is_evaluated_not_retrained(finished_run, fashion_mni
     assert summary["teacher"]["accuracy"] == pytest.approx(original["teacher"]["accuracy"], abs=1e-6)
 
 
-def test_alpha_one_distillation_is_scratch_training(finished_run, fashion_mnist_path, tmp_path):
-    # alpha=1 leaves only the label loss: with the same initial weights and the
-    # same data order, the distilled student must be the scratch student.
+@pytest.mark.parametrize("augment", [[], ["--augment", "--augment_mix=mixup"]],
+                         ids=["plain", "augmented"])
+def test_alpha_one_distillation_is_scratch_training(finished_run, fashion_mnist_path, tmp_path,
+                                                    augment):
+    # alpha=1 leaves only the label loss: with the same initial weights, the
+    # same data order and (augmented) the same views and mixed labels, the
+    # distilled student must be the scratch student.
     out, _ = finished_run
     result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2", "--alpha=1",
                            f"--teacher_model={out / ('teacher' + compat.MODEL_EXT)}", f"--output_dir={tmp_path}",
-                           "--precision_mode=must_keep_origin_dtype"])
+                           "--precision_mode=must_keep_origin_dtype"] + augment)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
+    if augment:
+        assert summary["recipe"]["augmentation"] == "shift 2 px, flip, mixup alpha 1"
+        assert summary["recipe"]["teacher"] == "per step"
+        assert "scratch: training batches augmented" in result.stdout + result.stderr
     assert summary["distilled"]["accuracy"] == summary["scratch"]["accuracy"]
     assert summary["distilled"]["loss"] == pytest.approx(summary["scratch"]["loss"], rel=1e-6)
     scratch = compat.load_model_file(str(tmp_path / f"scratch{compat.MODEL_EXT}"))
@@ -236,3 +244,19 @@ def test_keras2_refuses_what_needs_keras3_with_one_line(tmp_path):
     assert quant.returncode != 0
     assert "knowledge_distillation.quant needs Keras 3" in quant.stderr
     assert "Traceback" not in quant.stderr
+
+
+def test_view_cache_run(finished_run, fashion_mnist_path, tmp_path):
+    out, _ = finished_run
+    result = _run(SMALL + [f"--data_path={fashion_mnist_path}", "--epoch=2", "--alpha=0",
+                           "--augment", "--teacher_views=2", "--distillation_loss=kl",
+                           f"--teacher_model={out / ('teacher' + compat.MODEL_EXT)}",
+                           f"--output_dir={tmp_path}", "--precision_mode=must_keep_origin_dtype"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["recipe"]["teacher"] == "view cache"
+    assert summary["recipe"]["temperature"] == 1.0
+    assert summary["distilled"]["teacher_cache"] == "views: computed"
+    assert summary["distilled"]["accuracy"] > 0.5
+    assert (tmp_path / "teacher_cache" / "teacher_view_logits.npy").is_file()
+    assert "view cache (--teacher_views 2)" in result.stdout + result.stderr

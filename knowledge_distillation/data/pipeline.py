@@ -185,6 +185,8 @@ def make_dataset(
     extra=None,
     view=None,
     teacher_view=None,
+    augment=None,
+    geometry=None,
 ) -> tf.data.Dataset:
     """Builds the batched `tf.data` pipeline.
 
@@ -211,6 +213,14 @@ def make_dataset(
         view: the `ImageView` applied to every image. Defaults to None (the
             stored images, `unit` scaling).
         teacher_view: a second view, for the teacher's copy. Defaults to None.
+        augment: a `kd.augment.BatchAugment` (or `ViewTable`): a random view
+            of each training batch, the same for teacher and student. Its
+            elements are `(images, labels)` (soft labels when it mixes), or
+            `(images, labels, teacher_outputs)` for a view cache. Defaults
+            to None.
+        geometry: `geometry(uint8 images, indices) -> uint8 images`, a
+            fixed shift/flip of each example (`ViewTable.view_geometry`: the
+            teacher's pass over one cached view). Defaults to None.
 
     Returns:
         A prefetching `tf.data.Dataset`.
@@ -227,6 +237,9 @@ def make_dataset(
                          "(teacher inputs), not both")
     if n == 0:
         raise ValueError("make_dataset got no examples")
+    if augment is not None and (extra is not None or teacher_view is not None):
+        raise ValueError("make_dataset: augment makes the teacher's input (or outputs) "
+                         "itself; it takes no extra or teacher_view")
     if drop_remainder and n < batch_size:
         raise ValueError(
             f"drop_remainder=True with {n} examples and batch_size "
@@ -244,9 +257,18 @@ def make_dataset(
         columns.append(tf.convert_to_tensor(extra))
 
     def finish(images, indices):
+        if geometry is not None:
+            images = geometry(images, indices)
         rest = [tf.gather(column, indices) for column in columns]
         inputs = [preprocess(image, mode) for image, mode in zip(images, modes)]
         return (inputs[0] if len(inputs) == 1 else tuple(inputs), *rest)
+
+    def augmented(step, batch_and_epoch):
+        (images, indices), epoch = batch_and_epoch
+        images = augment.geometry(images, indices, epoch, step)
+        inputs, labels = finish(images, indices)
+        inputs, labels, outputs = augment.finish(inputs, labels, indices, epoch, step)
+        return (inputs, labels) if outputs is None else (inputs, labels, outputs)
 
     if hasattr(x, "stream"):
         # In file order, shuffled through a buffer; indices travel with the images.
@@ -263,7 +285,16 @@ def make_dataset(
         if shuffle:
             indices = indices.shuffle(n, seed=seed, reshuffle_each_iteration=True)
         ds = _converted_batches(x, indices, views, batch_size, drop_remainder)
-    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    if augment is None:
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.prefetch(tf.data.AUTOTUNE)
+    steps = ds.cardinality()
+    # The epoch is drawn once per iteration (Keras iterates once per epoch),
+    # the step counts batches within it.
+    ds = tf.data.Dataset.zip((ds, augment.counter.dataset())).enumerate()
+    ds = ds.map(augmented, num_parallel_calls=tf.data.AUTOTUNE)
+    if int(steps) >= 0:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
+from knowledge_distillation.config import DEFAULT_TEMPERATURES, DISTILLATION_LOSSES
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,122 @@ class KDLoss(compat.DistillationLoss):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _pearson(a, b, axis, eps=1e-8):
+    """Pearson correlation of `a` and `b` along `axis`."""
+    a = a - tf.reduce_mean(a, axis=axis, keepdims=True)
+    b = b - tf.reduce_mean(b, axis=axis, keepdims=True)
+    cov = tf.reduce_sum(a * b, axis=axis)
+    norm = tf.sqrt(tf.reduce_sum(a * a, axis=axis) * tf.reduce_sum(b * b, axis=axis))
+    return cov / (norm + eps)
+
+
+@compat.serializable
+class DISTLoss(compat.DistillationLoss):
+    """DIST (Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher").
+
+    It matches relations rather than exact probabilities:
+    `beta * T^2 * (1 - mean_i pearson(p_s[i, :], p_t[i, :]))` (inter-class:
+    each example's ranking of the classes) plus
+    `gamma * T^2 * (1 - mean_c pearson(p_s[:, c], p_t[:, c]))` (intra-class:
+    each class's ranking of the examples in the batch), with
+    `p = softmax(logits / T)`. The paper's ImageNet setting is T = 1,
+    beta = gamma = 1, added to a cross-entropy of weight 1 (the Distiller's
+    `alpha = 0.5`: the same ratio).
+
+    Args:
+        temperature: softmax temperature, > 0. Defaults to 1.0.
+        beta: weight of the inter-class term. Defaults to 1.0.
+        gamma: weight of the intra-class term. Defaults to 1.0.
+    """
+
+    def __init__(self, temperature=1.0, beta=1.0, gamma=1.0):
+        if not isinstance(temperature, (int, float)) or temperature <= 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        self.temperature = float(temperature)
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+
+    def compute_loss(self, teacher_outputs, student_outputs, **kwargs):
+        t = tf.nn.softmax(tf.cast(teacher_outputs, tf.float32) / self.temperature, axis=-1)
+        s = tf.nn.softmax(tf.cast(student_outputs, tf.float32) / self.temperature, axis=-1)
+        inter = 1.0 - tf.reduce_mean(_pearson(s, t, axis=1))
+        intra = 1.0 - tf.reduce_mean(_pearson(s, t, axis=0))
+        return (self.temperature ** 2) * (self.beta * inter + self.gamma * intra)
+
+    def get_config(self):
+        return {"temperature": self.temperature, "beta": self.beta, "gamma": self.gamma}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@compat.serializable
+class LabelCrossentropy(keras.losses.Loss):
+    """Cross-entropy from logits of integer labels `(B,)` or soft labels `(B, classes)`, in float32.
+
+    Mixup and cutmix (`kd.augment`) make soft labels for training while the
+    test split keeps integer ones; this one loss takes both.
+    """
+
+    def __init__(self, name="label_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        logits = tf.cast(y_pred, tf.float32)
+        y_true = tf.convert_to_tensor(y_true)
+        if y_true.shape.rank == logits.shape.rank and y_true.shape[-1] != 1:
+            return tf.nn.softmax_cross_entropy_with_logits(tf.cast(y_true, tf.float32), logits)
+        labels = tf.cast(tf.reshape(y_true, tf.shape(logits)[:-1]), tf.int32)
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits)
+
+    def get_config(self):
+        return {"name": self.name}
+
+
+@compat.serializable
+def label_accuracy(y_true, y_pred):
+    """Per-example 1/0: the arg-max of the logits is the label (the largest soft-label weight)."""
+    y_true, y_pred = tf.convert_to_tensor(y_true), tf.convert_to_tensor(y_pred)
+    predicted = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
+    if y_true.shape.rank == y_pred.shape.rank and y_true.shape[-1] != 1:
+        labels = tf.argmax(y_true, axis=-1, output_type=tf.int32)
+    else:
+        labels = tf.cast(tf.reshape(y_true, tf.shape(predicted)), tf.int32)
+    return tf.cast(tf.equal(predicted, labels), tf.float32)
+
+
+def accuracy_metric(soft_labels=False):
+    """The training accuracy metric, named "accuracy"; one for soft labels too when asked."""
+    if soft_labels:
+        return keras.metrics.MeanMetricWrapper(label_accuracy, name="accuracy")
+    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
+def distillation_loss(name, temperature=None):
+    """The loss object of a `--distillation_loss` choice.
+
+    - `kd`: Hinton's `T^2 * KL` at `temperature` (default 10);
+    - `kl`: plain `KL(p_t || p_s)` at T = 1 (function matching, Beyer et al.
+      2022); another temperature is an error;
+    - `dist`: `DISTLoss` at `temperature` (default 1).
+    """
+    if name not in DISTILLATION_LOSSES:
+        raise ValueError(f"--distillation_loss must be one of {', '.join(DISTILLATION_LOSSES)}, "
+                         f"got {name!r}")
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURES[name]
+    if name == "kl":
+        if float(temperature) != 1.0:
+            raise ValueError(f"--distillation_loss kl is KL at T=1 (function matching); got "
+                             f"--temperature {temperature}: use --distillation_loss kd for a "
+                             "softened KL")
+        return KDLoss(1.0)
+    if name == "dist":
+        return DISTLoss(float(temperature))
+    return KDLoss(float(temperature))
 
 
 @compat.serializable

@@ -31,8 +31,12 @@ it when the key matches. The key covers everything that changes the outputs:
 A mismatch is logged with what changed, and the logits are recomputed.
 
 Random augmentation makes the teacher's input differ at every step, so no
-cache can hold its outputs: `cache_decision` says so, and the trainer then
-runs the teacher per step and logs why.
+cache of one view per image can hold its outputs: `cache_decision` says so,
+and the trainer then runs the teacher per step and logs why, unless it was
+asked for a view cache (`--teacher_views K`, `views=` here): K fixed
+augmented views per image (`augment.ViewTable`), whose outputs are stored
+`(N, K, ...)` under their own file names, with the views' settings, seed
+and K in the key.
 
 Example:
 
@@ -74,6 +78,8 @@ DEFAULT_MEMORY_BUDGET_BYTES = 1 << 30
 DEFAULT_CHUNK_BYTES = 256 << 20
 ARRAY_FILE = "teacher_logits.npy"
 KEY_FILE = "teacher_logits.key.json"
+VIEWS_ARRAY_FILE = "teacher_view_logits.npy"
+VIEWS_KEY_FILE = "teacher_view_logits.key.json"
 
 
 def hash_architecture(model):
@@ -132,7 +138,8 @@ def preprocessing_fingerprint(fn, version=PREPROCESSING_VERSION):
     return f"{version}:{name}:{hashlib.blake2b(body, digest_size=8).hexdigest()}"
 
 
-def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_VERSION):
+def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_VERSION,
+              views=None):
     """The dict that identifies a teacher's outputs on `images`.
 
     Args:
@@ -141,6 +148,7 @@ def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_V
         preprocess: the preprocessing function applied to them.
         preprocessing_version: a version string of that preprocessing.
             Defaults to `PREPROCESSING_VERSION`.
+        views: an `augment.ViewTable` for a view cache, else None.
 
     Returns:
         A JSON-serialisable dict; equal dicts mean reusable outputs.
@@ -153,7 +161,7 @@ def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_V
         images = np.asarray(images) if not isinstance(images, np.ndarray) else images
         described = {"shape": list(images.shape), "dtype": images.dtype.str,
                      "bytes": hash_array(images)}
-    return {
+    key = {
         "format": CACHE_FORMAT,
         "teacher_weights": weights_digest(teacher),
         "teacher_architecture": hash_architecture(teacher),
@@ -163,6 +171,9 @@ def cache_key(teacher, images, preprocess, preprocessing_version=PREPROCESSING_V
             dtype_policies(teacher).encode(), digest_size=16
         ).hexdigest(),
     }
+    if views is not None:
+        key["views"] = views.key()
+    return key
 
 
 def describe_change(old, new):
@@ -197,7 +208,8 @@ class TeacherOutputs:
     """Teacher outputs for every training example, and where they came from.
 
     Attributes:
-        array: `(N, ...)` float32, a NumPy array or a read-only memmap.
+        array: `(N, ...)` float32 (`(N, K, ...)` for K views), a NumPy array
+            or a read-only memmap.
         key: the cache key they belong to.
         source: `"computed"` or `"reused"`.
         path: the `.npy` file, or None when kept in memory only.
@@ -241,6 +253,26 @@ class TeacherOutputs:
         outputs.set_shape(column.shape[:1].concatenate(array.shape[1:]))
         return (x, outputs), y
 
+    def rows(self, flat):
+        """Rows `flat` (`index * K + view`) of a `(N, K, ...)` view cache, as a tensor."""
+        n, k = self.array.shape[:2]
+        rest = self.array.shape[2:]
+        if self.in_memory:
+            if getattr(self, "_flat_tensor", None) is None:
+                self._flat_tensor = tf.constant(self.array.reshape((n * k,) + rest))
+            return tf.gather(self._flat_tensor, flat)
+        flat_array = self.array.reshape((n * k,) + rest)
+
+        def read(indices):
+            order = np.argsort(indices)
+            out = np.empty((len(indices),) + rest, np.float32)
+            out[order] = flat_array[indices[order]]
+            return out
+
+        outputs = compat.numpy_function(read, [flat], tf.float32)
+        outputs.set_shape(flat.shape[:1].concatenate(rest))
+        return outputs
+
 
 def _read_key(path):
     """The stored key; None when there is none; "unreadable" (logged) when it cannot be read."""
@@ -281,6 +313,7 @@ def teacher_outputs(
     preprocessing_version=PREPROCESSING_VERSION,
     memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
     chunk_examples=None,
+    views=None,
 ):
     """The teacher's outputs on `images`, from the cache or computed once.
 
@@ -300,6 +333,10 @@ def teacher_outputs(
             ones are memory-mapped from `cache_dir`. Defaults to 1 GiB.
         chunk_examples: images per `predict` call. Defaults to as many as
             take `DEFAULT_CHUNK_BYTES` (256 MiB) as float32.
+        views: an `augment.ViewTable`: compute the outputs of its K views of
+            every image, `(N, K, ...)`, calling
+            `predict(raw_images, geometry=(dy, dx, flip))` once per view and
+            chunk. Defaults to None (one output per image).
 
     Returns:
         A `TeacherOutputs`.
@@ -314,9 +351,11 @@ def teacher_outputs(
     if n == 0:
         raise ValueError("teacher_outputs got no images")
     start = time.perf_counter()
-    key = cache_key(teacher, images, preprocess, preprocessing_version)
+    key = cache_key(teacher, images, preprocess, preprocessing_version, views)
     hash_seconds = time.perf_counter() - start
     out_shape = tuple(int(d) for d in teacher.output_shape[1:])
+    if views is not None:
+        out_shape = (views.views,) + out_shape
     nbytes = n * int(np.prod(out_shape, dtype=np.int64)) * 4
     in_memory = nbytes <= memory_budget_bytes
     if not in_memory and cache_dir is None:
@@ -327,8 +366,8 @@ def teacher_outputs(
     array_path = key_path = None
     if cache_dir is not None:
         os.makedirs(cache_dir, exist_ok=True)
-        array_path = os.path.join(cache_dir, ARRAY_FILE)
-        key_path = os.path.join(cache_dir, KEY_FILE)
+        array_path = os.path.join(cache_dir, VIEWS_ARRAY_FILE if views else ARRAY_FILE)
+        key_path = os.path.join(cache_dir, VIEWS_KEY_FILE if views else KEY_FILE)
         stored = _read_key(key_path)
         if stored == key and os.path.isfile(array_path):
             array = _load(array_path, key, in_memory)
@@ -343,7 +382,7 @@ def teacher_outputs(
                         array_path, ", ".join(describe_change(stored, key)))
     logger.info(
         "teacher cache: computing %d teacher outputs once, batched, inference mode "
-        "(%.1f MB, %s)", n, nbytes / 1e6,
+        "(%.1f MB, %s)", n * (views.views if views else 1), nbytes / 1e6,
         "in memory" if in_memory else f"memory-mapped from {array_path}")
     start = time.perf_counter()
     if chunk_examples is None:
@@ -357,7 +396,7 @@ def teacher_outputs(
         os.remove(key_path)
     shape = (n,) + out_shape
     if in_memory:
-        array = _compute(predict, images, shape, chunk_examples, None)
+        array = _compute(predict, images, shape, chunk_examples, None, views)
         if cache_dir is not None:
             with atomic_path(array_path) as tmp:
                 with open(tmp, "wb") as f:
@@ -365,7 +404,7 @@ def teacher_outputs(
     else:
         # Written chunk by chunk into the file, never whole in memory.
         with atomic_path(array_path) as tmp:
-            _compute(predict, images, shape, chunk_examples, tmp).flush()
+            _compute(predict, images, shape, chunk_examples, tmp, views).flush()
         array = np.load(array_path, mmap_mode="r")
     seconds = time.perf_counter() - start
     if cache_dir is not None:
@@ -375,19 +414,30 @@ def teacher_outputs(
     return TeacherOutputs(array, key, "computed", array_path, seconds, hash_seconds)
 
 
-def _compute(predict, images, shape, chunk_examples, mmap_path):
+def _compute(predict, images, shape, chunk_examples, mmap_path, views=None):
     if mmap_path is None:
         out = np.empty(shape, np.float32)
     else:
         out = np.lib.format.open_memmap(mmap_path, mode="w+", dtype=np.float32, shape=shape)
     n = shape[0]
-    for begin in range(0, n, chunk_examples):
-        end = min(n, begin + chunk_examples)
-        chunk = np.asarray(predict(images[begin:end]), dtype=np.float32)
-        if chunk.shape != (end - begin,) + shape[1:]:
-            raise ValueError(
-                f"predict returned shape {chunk.shape} for {end - begin} images; "
-                f"expected {(end - begin,) + shape[1:]}"
-            )
-        out[begin:end] = chunk
+    row = shape[2:] if views is not None else shape[1:]
+    for k in range(views.views if views is not None else 1):
+        if views is not None:
+            logger.info("teacher cache: view %d of %d", k + 1, views.views)
+        for begin in range(0, n, chunk_examples):
+            end = min(n, begin + chunk_examples)
+            if views is None:
+                chunk = predict(images[begin:end])
+            else:
+                chunk = predict(images[begin:end], geometry=views.view_geometry(k, begin, end))
+            chunk = np.asarray(chunk, dtype=np.float32)
+            if chunk.shape != (end - begin,) + row:
+                raise ValueError(
+                    f"predict returned shape {chunk.shape} for {end - begin} images; "
+                    f"expected {(end - begin,) + row}"
+                )
+            if views is None:
+                out[begin:end] = chunk
+            else:
+                out[begin:end, k] = chunk
     return out
