@@ -290,6 +290,9 @@ class TrainConfig:
                 raise ValueError(f"{', '.join(changed)} set without --augment: nothing is "
                                  "augmented unless --augment is given")
             return
+        if not (self.augment_shift or self.augment_flip or self.augment_mix != "none"):
+            raise ValueError("--augment with --augment_shift 0, --noaugment_flip and "
+                             "--augment_mix none augments nothing: drop --augment")
         if self.teacher_views and self.augment_mix != "none":
             raise ValueError(
                 f"--teacher_views {self.teacher_views} with --augment_mix {self.augment_mix}: "

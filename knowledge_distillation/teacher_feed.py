@@ -38,11 +38,19 @@ def augmentation(config):
                                     config.augment_mix, config.augment_mix_alpha)
 
 
-def batch_augment(config, num_classes):
-    """A fresh per-step augmentation (its own epoch counter) for one phase, or None."""
+def batch_augment(config, num_classes, num_examples):
+    """A fresh augmentation (its own epoch counter) for one phase, or None.
+
+    Per step (`BatchAugment`), or with `--teacher_views K` the view cache's K
+    fixed views (`ViewTable`, no teacher outputs attached), so that the
+    scratch twin trains on exactly the distilled student's views.
+    """
     aug = augmentation(config)
     if aug is None:
         return None
+    if config.teacher_views:
+        return augment_lib.ViewTable(aug, config.seed, num_classes, num_examples,
+                                     config.teacher_views, config.epoch)
     return augment_lib.BatchAugment(aug, config.seed, num_classes)
 
 
@@ -99,8 +107,7 @@ def distillation_feed(trainer, teacher):
     aug = augmentation(cfg)
     own_view = trainer.teacher_view != trainer.view
     if aug is not None and cfg.teacher_views:
-        table = augment_lib.ViewTable(aug, cfg.seed, trainer.data.num_classes,
-                                      len(trainer.data.x_train), cfg.teacher_views, cfg.epoch)
+        table = batch_augment(cfg, trainer.data.num_classes, len(trainer.data.x_train))
         logger.info("distilled: view cache (--teacher_views %d): the teacher's logits on %d "
                     "fixed views of each image (%s) are computed once; each epoch the student "
                     "trains on one of them, the very view the teacher saw",
@@ -111,7 +118,7 @@ def distillation_feed(trainer, teacher):
                     f"views: {outputs.source}", "view cache",
                     outputs.seconds + outputs.hash_seconds)
     if aug is not None:
-        augment = batch_augment(cfg, trainer.data.num_classes)
+        augment = batch_augment(cfg, trainer.data.num_classes, len(trainer.data.x_train))
         logger.info("distilled: the teacher runs on every training step, in %s, on the "
                     "student's augmented batch (%s); --teacher_views K would cache its logits "
                     "on K views per image instead", compute_dtype(teacher), aug.describe())

@@ -110,7 +110,8 @@ class Trainer:
 
     def _batch_augment(self):
         """A fresh per-step augmentation (its own epoch counter) for one phase, or None."""
-        return teacher_feed.batch_augment(self.config, self.data.num_classes)
+        return teacher_feed.batch_augment(self.config, self.data.num_classes,
+                                          len(self.data.x_train))
 
     def _train_ds(self, extra=None, lookup=None, data=None, view=None, teacher_view=None,
                   augment=None):
@@ -255,7 +256,9 @@ class Trainer:
             model, _optimizer(cfg, self.steps_per_epoch, cfg.teacher_epochs, self.session),
             self.session, self.steps_per_execution, self.soft_labels,
         )
-        augment = self._batch_augment()
+        # Per step even with --teacher_views: the teacher's own epochs are not the student's.
+        augment = (augment_lib.BatchAugment(self.augmentation, cfg.seed, self.data.num_classes)
+                   if self.augmentation else None)
         train_ds = self._train_ds(data=self.teacher_data, view=self.teacher_view, augment=augment)
         stats = self._fit(phase, model, model, train_ds, cfg.teacher_epochs, augment)
         return model, {"trained": True, **stats}

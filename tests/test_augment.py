@@ -197,3 +197,17 @@ def test_label_crossentropy_takes_soft_and_integer_labels():
 def test_augment_and_loss_flags_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         config_lib.TrainConfig(**kwargs)
+
+
+def test_keras_fit_iterates_the_pipeline_once_per_epoch(small_data):
+    # The epoch counter relies on it: a resumed run's views depend on it.
+    x, y = _images(small_data, 128)
+    batch_augment = augment.BatchAugment(augment.Augmentation(shift=2, flip=True), 1, 10)
+    ds = make_dataset(x, y, 32, shuffle=True, seed=1, augment=batch_augment)
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  steps_per_execution=2)
+    model.fit(ds, epochs=3, verbose=0,
+              callbacks=[augment.ResumeEpoch(batch_augment.counter, lambda model: 1)])
+    assert batch_augment.counter._next == 4  # started at epoch 1 (as if resumed), ran 3

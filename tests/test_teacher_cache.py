@@ -213,37 +213,34 @@ def test_cached_and_per_step_teacher_train_the_same_student(small_data, teacher)
                                step_student.predict(x, verbose=0), rtol=1e-2, atol=1e-2)
 
 
-def _tiny_run_config(data_path, output_dir):
+def _tiny_run_config(data_path, output_dir, **kwargs):
     """A whole trainer run in seconds: 256 images, seed convnets, float32."""
     return TrainConfig(
         data_path=data_path, epoch=1, train_size=256, test_size=64,
         output_dir=str(output_dir), teacher="seed_student", student="seed_student",
-        device=DeviceConfig(precision_mode="must_keep_origin_dtype"),
+        device=DeviceConfig(precision_mode="must_keep_origin_dtype"), **kwargs,
     )
 
 
-def test_trainer_declares_no_augmentation_and_stores_the_cache(
-    fashion_mnist_path, tmp_path, caplog
-):
-    assert Trainer.train_augmentation is None
+def test_trainer_without_augmentation_stores_the_cache(fashion_mnist_path, tmp_path, caplog):
     config = _tiny_run_config(fashion_mnist_path, tmp_path)
     with caplog.at_level(logging.INFO):
-        Trainer(config).run()
+        summary = Trainer(config).run()
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "no random augmentation" in messages
     assert "teacher cache: computing 256 teacher outputs" in messages
     assert os.path.isfile(os.path.join(tmp_path, "teacher_cache", teacher_cache.KEY_FILE))
+    assert summary["recipe"]["teacher"] == "cached logits"
 
 
 def test_trainer_with_augmentation_runs_the_teacher_every_step(
     fashion_mnist_path, tmp_path, caplog
 ):
-    class AugmentingTrainer(Trainer):
-        train_augmentation = "random crop"
-
-    config = _tiny_run_config(fashion_mnist_path, tmp_path)
+    config = _tiny_run_config(fashion_mnist_path, tmp_path, augment=True, augment_mix="cutmix")
     with caplog.at_level(logging.INFO):
-        AugmentingTrainer(config).run()
+        summary = Trainer(config).run()
     messages = " ".join(r.getMessage() for r in caplog.records)
-    assert "teacher runs on every training step" in messages and "random crop" in messages
+    assert "teacher runs on every training step, in float32" in messages
+    assert "shift 2 px, flip, cutmix alpha 1" in messages
+    assert summary["recipe"]["teacher"] == "per step"
     assert not os.path.exists(os.path.join(tmp_path, "teacher_cache"))

@@ -22,7 +22,8 @@ What it does, in this order:
 
 The random numbers are a function of `(seed, epoch, step)` only, drawn with
 TensorFlow's stateless generators: two pipelines with the same seed and data
-order give the same views, and a resumed run continues the stream. The
+order give the same views, and a resumed run continues the random stream at
+its epoch (the shuffle order, though, restarts in a new process). The
 epoch comes from an `EpochCounter` the pipeline advances each time Keras
 starts iterating it (once per epoch); `ResumeEpoch` sets it where
 `BackupAndRestore` resumes.
@@ -179,7 +180,7 @@ def _beta(alpha, seed):
     return gammas[0] / tf.maximum(gammas[0] + gammas[1], 1e-12)
 
 
-def mix_batch(images, labels, num_classes, augmentation, seed):
+def mix_batch(images, labels, num_classes, augmentation, seed, box_seed=None):
     """Mixup or cutmix of a preprocessed float batch with the batch rolled by one.
 
     Args:
@@ -187,12 +188,15 @@ def mix_batch(images, labels, num_classes, augmentation, seed):
         labels: `(B,)` integer labels.
         num_classes: classes of the one-hot labels.
         augmentation: the `Augmentation` (its `mix` and `mix_alpha`).
-        seed: the `(2,)` stateless seed of this batch.
+        seed: the `(2,)` stateless seed of this batch's mixing weight.
+        box_seed: the `(2,)` stateless seed of the cutmix box (default: `seed` reversed).
 
     Returns:
         `(images, soft_labels)`: soft labels `(B, num_classes)` float32.
     """
     lam = _beta(augmentation.mix_alpha, seed)
+    if box_seed is None:
+        box_seed = tf.reverse(seed, [0])
     partner = tf.roll(images, 1, axis=0)
     one_hot = tf.one_hot(tf.cast(labels, tf.int32), num_classes, dtype=tf.float32)
     if augmentation.mix == "mixup":
@@ -200,7 +204,7 @@ def mix_batch(images, labels, num_classes, augmentation, seed):
     else:
         height, width = tf.shape(images)[1], tf.shape(images)[2]
         h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
-        centre = tf.random.stateless_uniform([2], seed=seed + tf.constant([0, 1], tf.int64))
+        centre = tf.random.stateless_uniform([2], seed=box_seed)
         side = tf.sqrt(1.0 - lam)
         cy, cx = centre[0] * h, centre[1] * w
         top = tf.cast(tf.clip_by_value(tf.round(cy - side * h / 2), 0, h), tf.int32)
@@ -260,7 +264,8 @@ class BatchAugment:
         """`(images, labels, extra)`: mixing of the preprocessed batch; extra is None here."""
         if self.augmentation.mixes:
             images, labels = mix_batch(images, labels, self.num_classes, self.augmentation,
-                                       _seed(self.seed, _MIX, epoch, step))
+                                       _seed(self.seed, _MIX, epoch, step),
+                                       _seed(self.seed, _BOX, epoch, step))
         return images, labels, None
 
     def describe(self):
@@ -278,8 +283,6 @@ class ViewTable(BatchAugment):
         views: K, views per image.
         epochs: epochs the student trains.
     """
-
-    teacher_outputs = True
 
     def __init__(self, augmentation, seed, num_classes, num_examples, views, epochs):
         if augmentation.mixes:
@@ -336,7 +339,12 @@ class ViewTable(BatchAugment):
         return apply
 
     def attach(self, outputs):
-        """Uses the `(N, K, classes)` teacher outputs `outputs` (a `TeacherOutputs`)."""
+        """Uses the `(N, K, classes)` teacher outputs `outputs` (a `TeacherOutputs`).
+
+        Without them (the scratch twin of a view-cache run) the pipeline gives
+        the same views and no teacher outputs.
+        """
+        outputs.prepare_rows()
         self.outputs = outputs
 
     def _view_of(self, indices, epoch):
@@ -351,9 +359,13 @@ class ViewTable(BatchAugment):
         return tuple(shift_and_flip(x, p[:, 0], p[:, 1], flip, self.augmentation.shift)
                      for x in images)
 
+    @property
+    def teacher_outputs(self):
+        return self.outputs is not None
+
     def finish(self, images, labels, indices, epoch, step):
         if self.outputs is None:
-            raise ValueError("ViewTable.attach(teacher outputs) must come before training")
+            return images, labels, None
         k = tf.cast(self._view_of(indices, epoch), tf.int64)
         flat = tf.cast(indices, tf.int64) * self.views + k
         return images, labels, self.outputs.rows(flat)

@@ -253,13 +253,19 @@ class TeacherOutputs:
         outputs.set_shape(column.shape[:1].concatenate(array.shape[1:]))
         return (x, outputs), y
 
+    def prepare_rows(self):
+        """Makes the in-memory tensor `rows` reads; call it eagerly, outside any pipeline trace."""
+        if self.in_memory and getattr(self, "_flat_tensor", None) is None:
+            n, k = self.array.shape[:2]
+            self._flat_tensor = tf.constant(self.array.reshape((n * k,) + self.array.shape[2:]))
+
     def rows(self, flat):
         """Rows `flat` (`index * K + view`) of a `(N, K, ...)` view cache, as a tensor."""
         n, k = self.array.shape[:2]
         rest = self.array.shape[2:]
         if self.in_memory:
             if getattr(self, "_flat_tensor", None) is None:
-                self._flat_tensor = tf.constant(self.array.reshape((n * k,) + rest))
+                raise ValueError("TeacherOutputs.prepare_rows() must run before rows()")
             return tf.gather(self._flat_tensor, flat)
         flat_array = self.array.reshape((n * k,) + rest)
 
