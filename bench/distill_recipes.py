@@ -186,7 +186,7 @@ def main(argv):
         for epochs in FLAGS.epochs:
             base = results[student].get("kd", {}).get(epochs)
             for recipe, by_epoch in results[student].items():
-                if base and epochs in by_epoch:
+                if base and epochs in by_epoch and base["summary"]["distilled_sec_mean"]:
                     ratio = (by_epoch[epochs]["summary"]["distilled_sec_mean"]
                              / base["summary"]["distilled_sec_mean"])
                     by_epoch[epochs]["summary"]["distilled_sec_vs_kd"] = ratio

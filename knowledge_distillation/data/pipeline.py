@@ -309,7 +309,7 @@ def _converted_batches(x, indices, views, batch_size, drop_remainder):
 
         batches = indices.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return batches.batch(batch_size, drop_remainder=drop_remainder)
-    read = _numpy_reader(x) if _read_with_numpy(x) else _array_reader(x)
+    read = numpy_reader(x) if _read_with_numpy(x) else _array_reader(x)
 
     def gather(batch):
         stored = read(batch)
@@ -360,8 +360,9 @@ def _array_reader(x):
     return lambda batch: tf.gather(images, batch)
 
 
-def _numpy_reader(x):
-    """Rows of a memory-mapped or large array, read per batch (sorted for locality, reordered)."""
+def numpy_reader(x):
+    """`read(indices)`: rows of a memory-mapped or large array as a tensor, read per batch
+    by NumPy (sorted for locality, then put back in order)."""
     dtype = tf.as_dtype(x.dtype)
 
     def rows(batch):

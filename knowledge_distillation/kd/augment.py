@@ -82,10 +82,6 @@ class Augmentation:
                              f"got {self.mix_alpha}")
 
     @property
-    def active(self):
-        return bool(self.shift or self.flip or self.mix != "none")
-
-    @property
     def mixes(self):
         return self.mix != "none"
 
@@ -315,6 +311,9 @@ class ViewTable(BatchAugment):
                            axis=2).astype(np.int32)
         self.choice = order.transpose(0, 2, 1).reshape(blocks * self.views,
                                                        self.num_examples)[:int(epochs)]
+        # Made here, eagerly, and captured by the pipeline's functions.
+        self._params = tf.constant(self.params)
+        self._choice = tf.constant(self.choice)
         self.outputs = None
 
     def key(self):
@@ -329,14 +328,13 @@ class ViewTable(BatchAugment):
         `data.make_dataset(geometry=...)` passes them.
         """
         params = tf.constant(self.params[k, begin:end])
-        shift, flips = self.augmentation.shift, self.augmentation.flip
+        return lambda images, indices: self._apply(images, tf.gather(params, indices))
 
-        def apply(images, indices):
-            p = tf.gather(params, indices)
-            flip = tf.cast(p[:, 2], tf.bool) if flips else None
-            return tuple(shift_and_flip(x, p[:, 0], p[:, 1], flip, shift) for x in images)
-
-        return apply
+    def _apply(self, images, p):
+        """Shift and flip every image of the batch by its `(dy, dx, flip)` row of `p`."""
+        flip = tf.cast(p[:, 2], tf.bool) if self.augmentation.flip else None
+        return tuple(shift_and_flip(x, p[:, 0], p[:, 1], flip, self.augmentation.shift)
+                     for x in images)
 
     def attach(self, outputs):
         """Uses the `(N, K, classes)` teacher outputs `outputs` (a `TeacherOutputs`).
@@ -349,15 +347,12 @@ class ViewTable(BatchAugment):
 
     def _view_of(self, indices, epoch):
         epoch = tf.minimum(tf.cast(epoch, tf.int64), len(self.choice) - 1)
-        return tf.gather(tf.gather(tf.constant(self.choice), epoch), indices)
+        return tf.gather(tf.gather(self._choice, epoch), indices)
 
     def geometry(self, images, indices, epoch, step):
         k = self._view_of(indices, epoch)
-        p = tf.gather_nd(tf.constant(self.params), tf.stack(
-            [tf.cast(k, tf.int64), tf.cast(indices, tf.int64)], axis=1))
-        flip = tf.cast(p[:, 2], tf.bool) if self.augmentation.flip else None
-        return tuple(shift_and_flip(x, p[:, 0], p[:, 1], flip, self.augmentation.shift)
-                     for x in images)
+        return self._apply(images, tf.gather_nd(self._params, tf.stack(
+            [tf.cast(k, tf.int64), tf.cast(indices, tf.int64)], axis=1)))
 
     @property
     def teacher_outputs(self):

@@ -267,17 +267,9 @@ class TeacherOutputs:
             if getattr(self, "_flat_tensor", None) is None:
                 raise ValueError("TeacherOutputs.prepare_rows() must run before rows()")
             return tf.gather(self._flat_tensor, flat)
-        flat_array = self.array.reshape((n * k,) + rest)
+        from knowledge_distillation.data.pipeline import numpy_reader
 
-        def read(indices):
-            order = np.argsort(indices)
-            out = np.empty((len(indices),) + rest, np.float32)
-            out[order] = flat_array[indices[order]]
-            return out
-
-        outputs = compat.numpy_function(read, [flat], tf.float32)
-        outputs.set_shape(flat.shape[:1].concatenate(rest))
-        return outputs
+        return numpy_reader(self.array.reshape((n * k,) + rest))(flat)
 
 
 def _read_key(path):
