@@ -29,13 +29,17 @@ layers = keras.layers
 
 
 @pytest.fixture
-def cpu_bfloat16(request):
-    """bfloat16 compute on the CPU. TensorFlow 2.6 has no bfloat16 convolution
-    on the CPU (traced it fails, eager it returns float32), so its trainer
-    computes in float32 there: `test_keras2_cpu_computes_float32_and_says_why`."""
+def cpu_bfloat16(request, monkeypatch):
+    """bfloat16 compute on the CPU, as on a CPU with bfloat16 instructions
+    (without them the low precision is float32:
+    `test_a_cpu_without_bfloat16_instructions_computes_float32`). TensorFlow
+    2.6 has no bfloat16 convolution on the CPU (traced it fails, eager it
+    returns float32), so its trainer computes in float32 there:
+    `test_keras2_cpu_computes_float32_and_says_why`."""
     mode = getattr(getattr(request.node, "callspec", None), "params", {}).get("mode")
     if not compat.KERAS3 and mode not in ("must_keep_origin_dtype", "force_fp32"):
         pytest.skip(f"{compat.STACK} has no bfloat16 CPU convolution")
+    monkeypatch.setattr(device.cpu_info, "has_bf16", lambda flags=None: True)
 
 
 def test_a_built_float32_layer_switched_to_mixed_computes_low_and_keeps_its_weights():
@@ -175,6 +179,31 @@ def test_keras2_cpu_computes_float32_and_says_why(tmp_path, caplog, mode):
     assert {layer.compute_dtype for layer in model.layers} == {"float32"}
     x, y = quadrant_data(32)
     assert np.isfinite(model.fit(dataset(x, y), epochs=1, verbose=0).history["loss"][0])
+
+
+@pytest.mark.skipif(not compat.KERAS3, reason="TensorFlow 2.6 computes float32 on any CPU")
+@pytest.mark.parametrize("mode, low", [
+    ("allow_mix_precision", "float32"),
+    ("force_fp16", "float32"),
+    ("allow_fp32_to_fp16", "float32"),
+    ("allow_mix_precision_bf16", "mixed_bfloat16"),
+    ("allow_fp32_to_bf16", "mixed_bfloat16"),
+])
+def test_a_cpu_without_bfloat16_instructions_computes_float32(
+        tmp_path, monkeypatch, caplog, mode, low):
+    monkeypatch.setattr(device.cpu_info, "has_bf16", lambda flags=None: False)
+    with caplog.at_level(logging.INFO):
+        session = setup_device(DeviceConfig(precision_mode=mode), str(tmp_path))
+    assert session.low_policy == low
+    model = compiled(session.prepare_model(tiny_model()), session)
+    computed = {layer.compute_dtype for layer in model.layers}
+    if low == "float32":
+        assert computed == {"float32"}
+        assert "this CPU has no bfloat16 instructions" in caplog.text
+        assert "allow_mix_precision_bf16 forces bfloat16" in caplog.text
+    else:  # the bf16 modes still ask for bfloat16, with a warning that it is emulated
+        assert "bfloat16" in computed
+        assert "bfloat16 is emulated and slower than float32" in caplog.text
 
 
 def test_wrap_optimizer_adds_loss_scaling_only_for_float16(cpu_bfloat16, tmp_path):
