@@ -57,7 +57,10 @@ def test_a_built_float32_layer_switched_to_mixed_computes_low_and_keeps_its_weig
 
 def test_a_built_float32_batchnorm_switched_to_mixed_keeps_float32_statistics():
     inputs = keras.Input((4,))
-    model = keras.Model(inputs, layers.BatchNormalization(name="bn")(layers.Dense(3)(inputs)))
+    # Seeded: an unlucky random kernel gives a channel of near-zero batch variance,
+    # whose normalisation amplifies float16 rounding past any tolerance.
+    dense = layers.Dense(3, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    model = keras.Model(inputs, layers.BatchNormalization(name="bn")(dense(inputs)))
     x = np.linspace(-2, 2, 16, dtype=np.float32).reshape(4, 4)
     before = model(x, training=True).numpy()
     for layer in model.layers[1:]:
