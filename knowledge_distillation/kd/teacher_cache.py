@@ -407,8 +407,9 @@ def teacher_outputs(
     seconds = time.perf_counter() - start
     if cache_dir is not None:
         _write_key(key_path, key)
-    logger.info("teacher cache: %d outputs in %.1f s (key hashed in %.2f s)",
-                n, seconds, hash_seconds)
+    computed = n * (views.views if views else 1)
+    logger.info("teacher cache: %d outputs in %.1f s, %.0f per second (key hashed in %.2f s)",
+                computed, seconds, computed / max(seconds, 1e-9), hash_seconds)
     return TeacherOutputs(array, key, "computed", array_path, seconds, hash_seconds)
 
 
