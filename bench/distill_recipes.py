@@ -26,7 +26,7 @@ writes a PNG of accuracy against epochs (needs matplotlib, not a project
 dependency: `pip install matplotlib`).
 
     python bench/distill_recipes.py --teacher_model=R/default_s42/teacher.keras \
-        --seeds=1,2,3,4,42 --recipes=kd,kd_aug,fm,fm_views,dist --students=mlp_student
+        --seeds=1,2,3,4,42 --recipes=kd,dist,fm_views,fm --students=mlp_student,seed_student
     python bench/distill_recipes.py --teacher_model=... --seeds=1,2,3 --recipes=kd,fm \
         --epochs=5,20,60 --plot=docs/distill_epochs.png
 Reduced run (minutes): add `--train_size=4096 --test_size=2000`.
@@ -48,7 +48,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher_model", None, "The trained teacher every run loads.")
 flags.DEFINE_list("seeds", ["1", "2", "3", "4", "42"], "Seeds.")
 flags.DEFINE_list("students", ["mlp_student"], "Zoo students.")
-flags.DEFINE_list("recipes", ["kd", "kd_aug", "fm", "fm_views", "dist"], "Recipes (see above).")
+flags.DEFINE_list("recipes", ["kd", "dist", "fm_views", "fm"], "Recipes (see above).")
 flags.DEFINE_list("epochs", ["5"], "Epoch counts.")
 flags.DEFINE_integer("teacher_views", 4, "K of fm_views.")
 flags.DEFINE_list("augment_args", [], "Extra flags of the augmented recipes.")
@@ -192,7 +192,8 @@ def main(argv):
                     by_epoch[epochs]["summary"]["distilled_sec_vs_kd"] = ratio
     if FLAGS.plot:
         plot(results, FLAGS.plot)
-    common.emit({"bench": "distill_recipes", "teacher_model": FLAGS.teacher_model,
+    common.emit({"bench": "distill_recipes", "machine": common.machine(),
+                 "teacher_model": FLAGS.teacher_model,
                  "seeds": FLAGS.seeds, "train_size": FLAGS.train_size,
                  "augment_args": FLAGS.augment_args, "results": results})
 

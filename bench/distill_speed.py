@@ -47,9 +47,18 @@ flags.DEFINE_string("cache_dir", None, "Teacher cache folder (default: a tempora
 flags.DEFINE_integer("steps_per_execution", None,
                      "Keras steps_per_execution of our student step (default: the trainer's "
                      "default on GPU/CPU).")
-flags.DEFINE_string("ours_policy", "mixed_bfloat16",
-                    "Dtype policy of our teacher pass and student: the trainer's default "
-                    "(allow_mix_precision) is mixed_bfloat16 on CPUs; the baseline is float32.")
+flags.DEFINE_string("ours_policy", None,
+                    "Dtype policy of our teacher pass and student (default: the trainer's "
+                    "allow_mix_precision on this CPU: mixed_bfloat16 with bfloat16 "
+                    "instructions, else float32); the baseline is float32.")
+
+
+def _ours_policy():
+    from knowledge_distillation.util import cpu
+
+    if FLAGS.ours_policy:
+        return FLAGS.ours_policy
+    return "float32" if cpu.has_bf16() is False else "mixed_bfloat16"
 
 
 def _steps_per_execution():
@@ -106,7 +115,7 @@ def main(argv):
 
     base_student = student()
     # Ours runs under the trainer's default precision; the same weights.
-    keras.mixed_precision.set_global_policy(FLAGS.ours_policy)
+    keras.mixed_precision.set_global_policy(_ours_policy())
     our_student = student()
     our_teacher = keras.models.clone_model(teacher)
     our_teacher.set_weights(teacher.get_weights())
@@ -157,7 +166,7 @@ def main(argv):
                    "epochs": FLAGS.epochs, "batch_size": bs, "seed": FLAGS.seed,
                    "jit_compile": FLAGS.jit_compile,
                    "steps_per_execution": _steps_per_execution(),
-                   "baseline_policy": "float32", "ours_policy": FLAGS.ours_policy},
+                   "baseline_policy": "float32", "ours_policy": _ours_policy()},
         "machine": common.machine(),
         "teacher_train_seconds": teacher_seconds,
         "teacher_accuracy": teacher_acc,

@@ -339,7 +339,6 @@ import numpy as np, keras, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from knowledge_distillation.config import DeviceConfig
-from knowledge_distillation.ascend import device
 from knowledge_distillation.ascend.device import setup_device
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 x = np.random.default_rng(0).random((64, 4), dtype=np.float32)

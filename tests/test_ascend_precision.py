@@ -203,7 +203,10 @@ def test_a_cpu_without_bfloat16_instructions_computes_float32(
     if low == "float32":
         assert computed == {"float32"}
         assert "this CPU has no bfloat16 instructions" in caplog.text
-        assert "allow_mix_precision_bf16 forces bfloat16" in caplog.text
+        twin = {"allow_mix_precision": "allow_mix_precision_bf16",
+                "allow_fp32_to_fp16": "allow_fp32_to_bf16"}.get(mode)
+        assert (f"--precision_mode={twin} forces bfloat16" in caplog.text) == bool(twin)
+        assert ("forces bfloat16" in caplog.text) == bool(twin)
     else:  # the bf16 modes still ask for bfloat16, with a warning that it is emulated
         assert "bfloat16" in computed
         assert "bfloat16 is emulated and slower than float32" in caplog.text

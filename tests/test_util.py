@@ -49,6 +49,9 @@ def test_cpu_flags_are_read_from_cpuinfo_and_unknown_when_unreadable(tmp_path):
     assert cpu.cpu_model(str(info)) == "Test CPU"
     assert cpu.has_bf16(flags) is True and cpu.has_bf16(frozenset({"avx2"})) is False
     assert cpu.vnni_flags(flags) == ["avx_vnni"]
+    arm = tmp_path / "cpuinfo_arm"  # aarch64 lists "Features", BF16 as plain "bf16"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")
+    assert cpu.has_bf16(cpu.read_cpu_flags(str(arm))) is True
     assert cpu.read_cpu_flags(str(tmp_path / "missing")) is None
 
 

@@ -177,7 +177,8 @@ class DeviceSession:
         output_dir: the run's output folder (default home of dump paths).
         on_npu: whether `npu_device` was opened.
         low_policy: the low-precision Keras policy on GPU/CPU
-            (`"mixed_float16"` or `"mixed_bfloat16"`); None on Ascend.
+            (`"mixed_float16"`, `"mixed_bfloat16"`, or `"float32"` on a CPU
+            that cannot run bfloat16 well); None on Ascend.
         mixlist: the `MixList` in force (allow_mix_precision on GPU/CPU).
         fusion_plan: the `FusionPlan` applied, or None.
         paths: `{flag: absolute folder}` of the enabled dump/profiling flags.
@@ -420,14 +421,14 @@ def setup_device(config: DeviceConfig, output_dir: str) -> DeviceSession:
         low_policy = "float32"
     elif (not has_gpu and mode not in device_precision.FLOAT32_MODES
           and mode not in device_precision.BF16_MODES and cpu_info.has_bf16() is False):
-        # Emulated bfloat16 is slower than float32 (the cnn teacher trained at 335
-        # against 650 examples/s on a 2-core Xeon without avx512_bf16), so the low
-        # precision of this CPU is float32; the bf16 modes still ask for bfloat16.
+        # Emulated bfloat16 is slower than float32 (cnn teacher: 335 against 650
+        # examples/s, 2-core Xeon without avx512_bf16); the bf16 modes still ask for it.
+        bf16_twin = {v: k for k, v in device_precision.BF16_MODES.items()}.get(mode)
         logger.info(
             "--precision_mode=%s: this CPU has no bfloat16 instructions (avx512_bf16/"
-            "amx_bf16), where bfloat16 is emulated and slower than float32, so every "
-            "layer computes in float32 here; --precision_mode=allow_mix_precision_bf16 "
-            "forces bfloat16", mode)
+            "amx_bf16/bf16), where bfloat16 is emulated and slower than float32, so every "
+            "layer computes in float32 here%s", mode,
+            f"; --precision_mode={bf16_twin} forces bfloat16" if bf16_twin else "")
         low_policy = "float32"
     global_policy = device_precision.global_policy_for(mode, low_policy)
     keras.mixed_precision.set_global_policy(global_policy)

@@ -315,7 +315,7 @@ def plan_layer_policies(model, mode, low_policy, mixlist=None):
     Args:
         model: a Keras model (a Distiller's teacher and student included).
         mode: one of `config.PRECISION_MODES`.
-        low_policy: `"mixed_float16"` or `"mixed_bfloat16"`.
+        low_policy: `"mixed_float16"`, `"mixed_bfloat16"` or `"float32"`.
         mixlist: a `MixList` for allow_mix_precision; defaults to the
             built-in lists.
 

@@ -373,7 +373,8 @@ def teacher_outputs(
                 logger.info(
                     "teacher cache: reusing %s (%d outputs, %s; key matches: same "
                     "teacher, data, preprocessing and dtype policy)",
-                    array_path, n, "in memory" if in_memory else "memory-mapped")
+                    array_path, n * (views.views if views else 1),
+                    "in memory" if in_memory else "memory-mapped")
                 return TeacherOutputs(array, key, "reused", array_path, 0.0, hash_seconds)
         elif isinstance(stored, dict):
             logger.info("teacher cache: %s is stale (%s changed): recomputing",

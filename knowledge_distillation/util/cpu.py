@@ -8,7 +8,7 @@ import os
 import platform
 
 CPUINFO = "/proc/cpuinfo"
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512 BF16, AMX; Arm BF16 (Features)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # Linux names of AVX512-VNNI and AVX-VNNI
 X86_64_MACHINES = ("x86_64", "amd64", "x64")
 
