@@ -21,7 +21,9 @@ sweep continues where it stopped. Prints one JSON line: per student, recipe
 and epoch count, the scratch and distilled accuracies per seed, their mean
 and sd, the paired gains (mean, sd, min, t), phase wall times (the distilled
 phase includes computing cached logits) and the ratio of each recipe's
-distilled phase to the `kd` recipe's measured in the same run. `--plot`
+distilled phase to the `kd` recipe's measured in the same run. `--finished_only`
+reports what is already finished (points over fewer seeds are marked
+`n=`) and lists the missing runs. `--plot`
 writes a PNG of accuracy against epochs (needs matplotlib, not a project
 dependency: `pip install matplotlib`).
 
@@ -57,6 +59,9 @@ flags.DEFINE_integer("train_size", None, "First N training images.")
 flags.DEFINE_integer("test_size", None, "First N test images.")
 flags.DEFINE_string("output_root", "output/recipes", "Where the runs go.")
 flags.DEFINE_string("plot", None, "PNG path: accuracy against epochs per recipe.")
+flags.DEFINE_bool("finished_only", False,
+                  "Report (and plot) only the runs already finished under --output_root; "
+                  "list the missing ones instead of training them.")
 
 AUGMENTED = {"kd_aug", "fm", "fm_views", "dist_aug"}
 
@@ -76,8 +81,16 @@ def recipe_args(name):
     return table[name] + (list(FLAGS.augment_args) if name in AUGMENTED else [])
 
 
+def run_dir(student, recipe, epochs, seed):
+    return os.path.join(FLAGS.output_root, student, f"{recipe}_e{epochs}", f"s{seed}")
+
+
+def finished(student, recipe, epochs, seed):
+    return os.path.isfile(os.path.join(run_dir(student, recipe, epochs, seed), "summary.json"))
+
+
 def run_one(student, recipe, epochs, seed):
-    out = os.path.join(FLAGS.output_root, student, f"{recipe}_e{epochs}", f"s{seed}")
+    out = run_dir(student, recipe, epochs, seed)
     args = [sys.executable, "-m", "knowledge_distillation", f"--student={student}",
             f"--epoch={epochs}", f"--seed={seed}", f"--teacher_model={FLAGS.teacher_model}",
             f"--output_dir={out}", *recipe_args(recipe), *FLAGS.extra_args]
@@ -85,10 +98,11 @@ def run_one(student, recipe, epochs, seed):
         if FLAGS[name].value:
             args.append(f"--{name}={FLAGS[name].value}")
     start = time.perf_counter()
-    done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        sys.stderr.write(done.stderr[-3000:])
-        raise SystemExit(f"run failed ({done.returncode}): {' '.join(args)}")
+    if not FLAGS.finished_only:
+        done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            sys.stderr.write(done.stderr[-3000:])
+            raise SystemExit(f"run failed ({done.returncode}): {' '.join(args)}")
     with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
         summary = json.load(f)
     distilled = summary["distilled"]
@@ -99,7 +113,7 @@ def run_one(student, recipe, epochs, seed):
         "distilled_sec": (distilled.get("training_time_sec") or 0)
         + (distilled.get("teacher_cache_sec") or 0),
         "teacher_feed": distilled.get("teacher_feed"),
-        "process_sec": time.perf_counter() - start,
+        "process_sec": None if FLAGS.finished_only else time.perf_counter() - start,
     }
     print(f"{student} {recipe} e{epochs} s{seed}: scratch {row['scratch']:.4f} distilled "
           f"{row['distilled']:.4f} ({row['distilled_sec']:.0f} s)", file=sys.stderr, flush=True)
@@ -121,7 +135,7 @@ def summarise(rows):
     s_mean, s_sd = mean_sd([100 * r["scratch"] for r in rows])
     d_mean, d_sd = mean_sd([100 * r["distilled"] for r in rows])
     t = g_mean / (g_sd / math.sqrt(len(gains))) if g_sd else None
-    return {"scratch_mean": s_mean, "scratch_sd": s_sd, "distilled_mean": d_mean,
+    return {"n": len(rows), "scratch_mean": s_mean, "scratch_sd": s_sd, "distilled_mean": d_mean,
             "distilled_sd": d_sd, "gain_mean": g_mean, "gain_sd": g_sd, "gain_min": min(gains),
             "gain_t": t, "gains": gains,
             "distilled_sec_mean": mean_sd([r["distilled_sec"] for r in rows])[0],
@@ -151,13 +165,20 @@ def plot(results, path):
                 sds = [by_epoch[e]["summary"][f"{kind}_sd"] for e in epochs]
                 label = (f"{recipe} (distilled)" if kind == "distilled"
                          else f"scratch ({twin})")
-                ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=label,
-                            linestyle="-" if kind == "distilled" else "--")
+                line = ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=label,
+                                   linestyle="-" if kind == "distilled" else "--")
+                for x, m, e in zip(xs, means, epochs):
+                    n = by_epoch[e]["summary"]["n"]
+                    if n < len(FLAGS.seeds):  # a point over fewer seeds says so
+                        ax.annotate(f"n={n}", (x, m), textcoords="offset points",
+                                    xytext=(4, -10), fontsize=7, color=line[0].get_color())
                 if kind == "scratch":
                     scratch_done.add(twin)
         ax.set_xscale("log")
         ax.set_xticks(sorted({int(e) for r in recipes.values() for e in r}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.margins(x=0.1)
         ax.set_xlabel("epochs")
         ax.set_ylabel("test accuracy (%), mean and sd over seeds")
         ax.set_title(f"{student}, teacher {os.path.basename(FLAGS.teacher_model)}")
@@ -176,26 +197,40 @@ def main(argv):
     if not FLAGS.teacher_model or not os.path.exists(FLAGS.teacher_model):
         raise app.UsageError(f"--teacher_model: no such file {FLAGS.teacher_model!r}; train one "
                              "with python -m knowledge_distillation and pass its teacher.keras")
-    results = {}
+    results, missing = {}, []
     for student in FLAGS.students:
         for epochs in FLAGS.epochs:
             for recipe in FLAGS.recipes:
-                rows = [run_one(student, recipe, epochs, seed) for seed in FLAGS.seeds]
+                seeds = FLAGS.seeds
+                if FLAGS.finished_only:
+                    seeds = [s for s in FLAGS.seeds if finished(student, recipe, epochs, s)]
+                    missing += [run_dir(student, recipe, epochs, s)
+                                for s in FLAGS.seeds if s not in seeds]
+                    if not seeds:
+                        continue
+                rows = [run_one(student, recipe, epochs, seed) for seed in seeds]
                 entry = results.setdefault(student, {}).setdefault(recipe, {})
                 entry[epochs] = {"rows": rows, "summary": summarise(rows)}
         for epochs in FLAGS.epochs:
+            if student not in results:
+                break
             base = results[student].get("kd", {}).get(epochs)
             for recipe, by_epoch in results[student].items():
                 if base and epochs in by_epoch and base["summary"]["distilled_sec_mean"]:
                     ratio = (by_epoch[epochs]["summary"]["distilled_sec_mean"]
                              / base["summary"]["distilled_sec_mean"])
                     by_epoch[epochs]["summary"]["distilled_sec_vs_kd"] = ratio
+    if missing:
+        print(f"--finished_only: {len(missing)} run(s) not finished, left out: "
+              + ", ".join(missing), file=sys.stderr)
+    if not results:
+        raise SystemExit("no finished runs under --output_root")
     if FLAGS.plot:
         plot(results, FLAGS.plot)
     common.emit({"bench": "distill_recipes", "machine": common.machine(),
                  "teacher_model": FLAGS.teacher_model,
                  "seeds": FLAGS.seeds, "train_size": FLAGS.train_size,
-                 "augment_args": FLAGS.augment_args, "results": results})
+                 "augment_args": FLAGS.augment_args, "missing": missing, "results": results})
 
 
 if __name__ == "__main__":

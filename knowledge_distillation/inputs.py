@@ -87,6 +87,12 @@ def prepare_inputs(config):
                     if cfg.teacher_image_size else view)
     input_shape = data_lib.model_input_shape(raw, view)
     teacher_shape = data_lib.model_input_shape(raw, teacher_view, "--teacher_image_size H,W")
+    if cfg.augment and cfg.augment_shift and cfg.augment_shift >= min(input_shape[:2]):
+        # (--augment refuses --teacher_image_size: the teacher's copy is this size too.)
+        raise ValueError(
+            f"--augment_shift {cfg.augment_shift}: the model input is {input_shape[0]}x"
+            f"{input_shape[1]}; a shift must be smaller than the image, at most "
+            f"{min(input_shape[:2]) - 1} pixels")
     # The colour mode is the whole split's, fixed here: a chunk or sample of
     # the files must not guess its own (an all-gray subset of a mixed folder).
     view = dataclasses.replace(view, channels=input_shape[2])

@@ -199,6 +199,22 @@ def test_augment_and_loss_flags_are_checked(kwargs, message):
         config_lib.TrainConfig(**kwargs)
 
 
+def test_a_shift_as_large_as_the_image_is_refused(fashion_mnist_path, tmp_path):
+    from knowledge_distillation.inputs import prepare_inputs
+
+    def inputs(shift, size=None):
+        return prepare_inputs(config_lib.TrainConfig(
+            data_path=fashion_mnist_path, train_size=64, test_size=32, augment=True,
+            augment_shift=shift, image_size=size, output_dir=str(tmp_path)))
+
+    assert inputs(27).input_shape == (28, 28, 1)
+    with pytest.raises(ValueError, match=r"--augment_shift 28: the model input is 28x28; a "
+                                         r"shift must be smaller than the image, at most 27"):
+        inputs(28)
+    with pytest.raises(ValueError, match=r"--augment_shift 20: the model input is 20x20"):
+        inputs(20, (20, 20))
+
+
 def test_keras_fit_iterates_the_pipeline_once_per_epoch(small_data):
     # The epoch counter relies on it: a resumed run's views depend on it.
     x, y = _images(small_data, 128)

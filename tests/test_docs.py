@@ -335,8 +335,8 @@ def test_readme_keeps_setup_commands_and_results_heading():
     with open(README, encoding="utf-8") as f:
         text = f.read()
     for line in ("bash setup.sh && python3 -m knowledge_distillation --epoch 5",
-                 "bash setup.sh --stack all && python3 -m pytest -q tests && "
-                 ".venv-tf265/bin/python -m pytest -q tests",
+                 "bash setup.sh --stack all && python3 -m pytest -q -n 2 tests && "
+                 ".venv-tf265/bin/python -m pytest -q -n 2 tests",
                  "## Set-up: two commands",
                  "## Results (measured here)"):
         assert line in text.splitlines(), f"README.md lost the line {line!r}"
@@ -429,7 +429,7 @@ def test_pytest_paths_exist():
         for word in _kind(command)[1]:
             if skip:
                 skip = False
-            elif word in ("-k", "-m", "-p", "-c", "--rootdir"):
+            elif word in ("-k", "-m", "-p", "-c", "-n", "--dist", "--rootdir"):
                 skip = True
             elif not word.startswith("-"):
                 args.append(word.split("::")[0])
