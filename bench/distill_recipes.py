@@ -23,7 +23,8 @@ and sd, the paired gains (mean, sd, min, t), phase wall times (the distilled
 phase includes computing cached logits) and the ratio of each recipe's
 distilled phase to the `kd` recipe's measured in the same run. `--finished_only`
 reports what is already finished (points over fewer seeds are marked
-`n=`) and lists the missing runs. `--plot`
+`n=`; runs made with other settings are left out, naming them) and lists
+the missing runs. `--plot`
 writes a PNG of accuracy against epochs (needs matplotlib, not a project
 dependency: `pip install matplotlib`).
 
@@ -66,6 +67,13 @@ flags.DEFINE_bool("finished_only", False,
 AUGMENTED = {"kd_aug", "fm", "fm_views", "dist_aug"}
 
 
+def twin_kind(recipe):
+    """What the scratch twin trains on: fm_views' twin trains on the K cached views."""
+    if recipe == "fm_views":
+        return f"augmented, {FLAGS.teacher_views} fixed views"
+    return "augmented" if recipe in AUGMENTED else "plain"
+
+
 def recipe_args(name):
     table = {
         "kd": [],
@@ -85,18 +93,52 @@ def run_dir(student, recipe, epochs, seed):
     return os.path.join(FLAGS.output_root, student, f"{recipe}_e{epochs}", f"s{seed}")
 
 
+def trainer_args(student, recipe, epochs, seed):
+    args = [f"--student={student}", f"--epoch={epochs}", f"--seed={seed}",
+            f"--teacher_model={FLAGS.teacher_model}",
+            f"--output_dir={run_dir(student, recipe, epochs, seed)}",
+            *recipe_args(recipe), *FLAGS.extra_args]
+    for name in ("train_size", "test_size"):
+        if FLAGS[name].value:
+            args.append(f"--{name}={FLAGS[name].value}")
+    return args
+
+
 def finished(student, recipe, epochs, seed):
-    return os.path.isfile(os.path.join(run_dir(student, recipe, epochs, seed), "summary.json"))
+    """None when the run has not finished, else the settings it differs in from these flags."""
+    path = os.path.join(run_dir(student, recipe, epochs, seed), "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)["config"]
+    sections = [config] + [v for v in config.values() if isinstance(v, dict)]
+    wanted = {"train_size": FLAGS.train_size, "test_size": FLAGS.test_size}
+    for arg in trainer_args(student, recipe, epochs, seed):
+        name, _, value = arg[2:].partition("=")
+        if name == "output_dir":
+            continue
+        if not _:  # --flag / --noflag
+            name, value = (name[2:], False) if name.startswith("no") and not any(
+                name in c for c in sections) else (name, True)
+        wanted[name] = value
+    differ = []
+    for name, value in wanted.items():
+        have = next((c[name] for c in sections if name in c), "(not recorded)")
+        if name == "teacher_model" and isinstance(have, str):
+            same = os.path.realpath(have) == os.path.realpath(value)
+        elif value is None or have is None or isinstance(have, (bool, str)):
+            same = str(have) == str(value) if not isinstance(have, bool) else have == value
+        else:
+            same = float(have) == float(value)
+        if not same:
+            differ.append(f"{name} {have} (flags: {value})")
+    return differ
 
 
 def run_one(student, recipe, epochs, seed):
     out = run_dir(student, recipe, epochs, seed)
-    args = [sys.executable, "-m", "knowledge_distillation", f"--student={student}",
-            f"--epoch={epochs}", f"--seed={seed}", f"--teacher_model={FLAGS.teacher_model}",
-            f"--output_dir={out}", *recipe_args(recipe), *FLAGS.extra_args]
-    for name in ("train_size", "test_size"):
-        if FLAGS[name].value:
-            args.append(f"--{name}={FLAGS[name].value}")
+    args = [sys.executable, "-m", "knowledge_distillation",
+            *trainer_args(student, recipe, epochs, seed)]
     start = time.perf_counter()
     if not FLAGS.finished_only:
         done = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -152,28 +194,31 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+
+    def draw(ax, points, label, style):
+        """points: [(epochs, summary, kind)]: mean and sd, `n=` where fewer seeds than asked."""
+        xs = [int(e) for e, _, _ in points]
+        means = [summary[f"{kind}_mean"] for _, summary, kind in points]
+        line = ax.errorbar(xs, means, yerr=[summary[f"{kind}_sd"] for _, summary, kind in points],
+                           marker="o", capsize=3, label=label, linestyle=style)
+        for x, m, (_, summary, _) in zip(xs, means, points):
+            if summary["n"] < len(FLAGS.seeds):
+                ax.annotate(f"n={summary['n']}", (x, m), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7, color=line[0].get_color())
+
     for ax, (student, recipes) in zip(axes[0], results.items()):
-        scratch_done = set()
+        twins = {}  # twin kind -> epochs -> the summary over the most seeds
         for recipe, by_epoch in recipes.items():
             epochs = sorted(by_epoch, key=int)
-            xs = [int(e) for e in epochs]
-            for kind in ("distilled", "scratch"):
-                twin = "augmented" if recipe in AUGMENTED else "plain"
-                if kind == "scratch" and twin in scratch_done:
-                    continue
-                means = [by_epoch[e]["summary"][f"{kind}_mean"] for e in epochs]
-                sds = [by_epoch[e]["summary"][f"{kind}_sd"] for e in epochs]
-                label = (f"{recipe} (distilled)" if kind == "distilled"
-                         else f"scratch ({twin})")
-                line = ax.errorbar(xs, means, yerr=sds, marker="o", capsize=3, label=label,
-                                   linestyle="-" if kind == "distilled" else "--")
-                for x, m, e in zip(xs, means, epochs):
-                    n = by_epoch[e]["summary"]["n"]
-                    if n < len(FLAGS.seeds):  # a point over fewer seeds says so
-                        ax.annotate(f"n={n}", (x, m), textcoords="offset points",
-                                    xytext=(4, -10), fontsize=7, color=line[0].get_color())
-                if kind == "scratch":
-                    scratch_done.add(twin)
+            draw(ax, [(e, by_epoch[e]["summary"], "distilled") for e in epochs],
+                 f"{recipe} (distilled)", "-")
+            for e in epochs:
+                best = twins.setdefault(twin_kind(recipe), {}).get(e)
+                if best is None or by_epoch[e]["summary"]["n"] > best["n"]:
+                    twins[twin_kind(recipe)][e] = by_epoch[e]["summary"]
+        for twin, by_epoch in twins.items():
+            draw(ax, [(e, by_epoch[e], "scratch") for e in sorted(by_epoch, key=int)],
+                 f"scratch ({twin})", "--")
         ax.set_xscale("log")
         ax.set_xticks(sorted({int(e) for r in recipes.values() for e in r}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -194,32 +239,43 @@ def plot(results, path):
 
 def main(argv):
     del argv
-    if not FLAGS.teacher_model or not os.path.exists(FLAGS.teacher_model):
+    for recipe in FLAGS.recipes:
+        recipe_args(recipe)  # an unknown recipe is a usage error in every mode
+    if not FLAGS.finished_only and not (FLAGS.teacher_model
+                                        and os.path.exists(FLAGS.teacher_model)):
         raise app.UsageError(f"--teacher_model: no such file {FLAGS.teacher_model!r}; train one "
                              "with python -m knowledge_distillation and pass its teacher.keras")
-    results, missing = {}, []
+    results, missing, stale = {}, [], []
     for student in FLAGS.students:
         for epochs in FLAGS.epochs:
             for recipe in FLAGS.recipes:
                 seeds = FLAGS.seeds
                 if FLAGS.finished_only:
-                    seeds = [s for s in FLAGS.seeds if finished(student, recipe, epochs, s)]
+                    state = {s: finished(student, recipe, epochs, s) for s in FLAGS.seeds}
+                    seeds = [s for s in FLAGS.seeds if state[s] == []]
                     missing += [run_dir(student, recipe, epochs, s)
-                                for s in FLAGS.seeds if s not in seeds]
+                                for s in FLAGS.seeds if state[s] is None]
+                    stale += [f"{run_dir(student, recipe, epochs, s)}: {'; '.join(state[s])}"
+                              for s in FLAGS.seeds if state[s]]
                     if not seeds:
                         continue
                 rows = [run_one(student, recipe, epochs, seed) for seed in seeds]
                 entry = results.setdefault(student, {}).setdefault(recipe, {})
                 entry[epochs] = {"rows": rows, "summary": summarise(rows)}
         for epochs in FLAGS.epochs:
-            if student not in results:
-                break
-            base = results[student].get("kd", {}).get(epochs)
-            for recipe, by_epoch in results[student].items():
-                if base and epochs in by_epoch and base["summary"]["distilled_sec_mean"]:
-                    ratio = (by_epoch[epochs]["summary"]["distilled_sec_mean"]
-                             / base["summary"]["distilled_sec_mean"])
-                    by_epoch[epochs]["summary"]["distilled_sec_vs_kd"] = ratio
+            base = results.get(student, {}).get("kd", {}).get(epochs)
+            for recipe, by_epoch in results.get(student, {}).items():
+                if base and epochs in by_epoch:
+                    # Over the seeds both have (all of them, unless --finished_only).
+                    kd = {r["seed"]: r["distilled_sec"] for r in base["rows"]}
+                    pairs = [(r["distilled_sec"], kd[r["seed"]])
+                             for r in by_epoch[epochs]["rows"] if r["seed"] in kd]
+                    if pairs and sum(b for _, b in pairs):
+                        by_epoch[epochs]["summary"]["distilled_sec_vs_kd"] = (
+                            sum(a for a, _ in pairs) / sum(b for _, b in pairs))
+    if stale:
+        print(f"--finished_only: {len(stale)} finished run(s) made with other settings, left "
+              "out: " + "; ".join(stale), file=sys.stderr)
     if missing:
         print(f"--finished_only: {len(missing)} run(s) not finished, left out: "
               + ", ".join(missing), file=sys.stderr)
@@ -230,7 +286,8 @@ def main(argv):
     common.emit({"bench": "distill_recipes", "machine": common.machine(),
                  "teacher_model": FLAGS.teacher_model,
                  "seeds": FLAGS.seeds, "train_size": FLAGS.train_size,
-                 "augment_args": FLAGS.augment_args, "missing": missing, "results": results})
+                 "augment_args": FLAGS.augment_args, "missing": missing, "stale": stale,
+                 "results": results})
 
 
 if __name__ == "__main__":

@@ -335,8 +335,8 @@ def test_readme_keeps_setup_commands_and_results_heading():
     with open(README, encoding="utf-8") as f:
         text = f.read()
     for line in ("bash setup.sh && python3 -m knowledge_distillation --epoch 5",
-                 "bash setup.sh --stack all && python3 -m pytest -q -n 2 tests && "
-                 ".venv-tf265/bin/python -m pytest -q -n 2 tests",
+                 "bash setup.sh --stack all && python3 -m pytest -q -n 2 --dist loadfile tests && "
+                 ".venv-tf265/bin/python -m pytest -q -n 2 --dist loadfile tests",
                  "## Set-up: two commands",
                  "## Results (measured here)"):
         assert line in text.splitlines(), f"README.md lost the line {line!r}"
