@@ -107,34 +107,20 @@ def trainer_args(student, recipe, epochs, seed):
 
 
 def finished(student, recipe, epochs, seed):
-    """None when the run has not finished, else the settings it differs in from these flags."""
-    path = os.path.join(run_dir(student, recipe, epochs, seed), "summary.json")
-    if not os.path.isfile(path):
+    """None when the run has not finished; else how the settings it recorded differ from
+    the ones these flags give it (the trainer's own comparison): [] when they agree."""
+    out = run_dir(student, recipe, epochs, seed)
+    if not os.path.isfile(os.path.join(out, "summary.json")):
         return None
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)["config"]
-    sections = [config] + [v for v in config.values() if isinstance(v, dict)]
-    wanted = {"train_size": FLAGS.train_size, "test_size": FLAGS.test_size}
-    for arg in trainer_args(student, recipe, epochs, seed):
-        name, _, value = arg[2:].partition("=")
-        if name == "output_dir":
-            continue
-        if not _:  # --flag / --noflag
-            name, value = (name[2:], False) if name.startswith("no") and not any(
-                name in c for c in sections) else (name, True)
-        wanted[name] = value
-    differ = []
-    for name, value in wanted.items():
-        have = next((c[name] for c in sections if name in c), "(not recorded)")
-        if name == "teacher_model" and isinstance(have, str):
-            same = os.path.realpath(have) == os.path.realpath(value)
-        elif value is None or have is None or isinstance(have, (bool, str)):
-            same = str(have) == str(value) if not isinstance(have, bool) else have == value
-        else:
-            same = float(have) == float(value)
-        if not same:
-            differ.append(f"{name} {have} (flags: {value})")
-    return differ
+    from knowledge_distillation import flags as kd_flags
+    from knowledge_distillation import rundir
+
+    fv = flags.FlagValues()
+    kd_flags.define_trainer_flags(fv)
+    fv(["distill_recipes", *trainer_args(student, recipe, epochs, seed)])
+    with open(os.path.join(out, rundir.RUN_FILE), encoding="utf-8") as f:
+        recorded = json.load(f)["settings"]
+    return rundir.differences(recorded, rundir.deciding_settings(kd_flags.train_config(fv)))
 
 
 def run_one(student, recipe, epochs, seed):
@@ -257,7 +243,7 @@ def main(argv):
                     seeds = [s for s in FLAGS.seeds if state[s] == []]
                     missing += [run_dir(student, recipe, epochs, s)
                                 for s in FLAGS.seeds if state[s] is None]
-                    stale += [f"{run_dir(student, recipe, epochs, s)}: {'; '.join(state[s])}"
+                    stale += [f"{run_dir(student, recipe, epochs, s)}: {', '.join(state[s])}"
                               for s in FLAGS.seeds if state[s]]
                     if not seeds:
                         continue

@@ -114,7 +114,8 @@ def data_fingerprint(data):
     }
 
 
-def _differences(old, new):
+def differences(old, new):
+    """`key: old -> new` for each setting that differs between two flat dicts."""
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
@@ -212,7 +213,7 @@ class RunFolder:
             found = f"run outputs ({', '.join(leftovers)}) but no {RUN_FILE}"
         else:
             found = "a run with other settings: " + "; ".join(
-                _differences(record.get("settings") or {}, self.settings))
+                differences(record.get("settings") or {}, self.settings))
         raise ValueError(
             f"{self.flag}={self.path} holds {found}. Restart with the same settings to "
             f"resume, or pass --overwrite to start over there, or use another {self.flag}")
@@ -227,7 +228,7 @@ class RunFolder:
         if record["data"] != fingerprint:
             raise ValueError(
                 f"{self.flag}={self.path} holds a run on other data ("
-                + "; ".join(_differences(record["data"], fingerprint))
+                + "; ".join(differences(record["data"], fingerprint))
                 + "). Pass --overwrite to start over there, or use another " + self.flag)
 
     def clear(self):
