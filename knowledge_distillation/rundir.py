@@ -1,13 +1,15 @@
 """One run per output folder: checked before anything trains, locked while it runs.
 
 A run's `--output_dir` records what it was asked (`run.json`: the settings
-that decide the models, and a fingerprint of the data) from its first start:
+that decide the models, a fingerprint of the data, and the dtype policy the
+host resolved `--precision_mode` to) from its first start:
 
 - a restart with the same settings resumes (finished phases reload, the
   unfinished one restarts from its last epoch), and a finished run
   re-reports its recorded figures;
-- a restart with different settings ends at once with one error naming the
-  settings that differ; `--overwrite` starts over in that folder instead.
+- a restart with different settings, or on a host that would compute in
+  another dtype policy, ends at once with one error naming what differs;
+  `--overwrite` starts over in that folder instead.
 
 One process writes a folder at a time: `.lock` holds the owner's PID and
 host, a second run into a busy folder ends at once naming the other run,
@@ -230,6 +232,36 @@ class RunFolder:
                 f"{self.flag}={self.path} holds a run on other data ("
                 + "; ".join(differences(record["data"], fingerprint))
                 + "). Pass --overwrite to start over there, or use another " + self.flag)
+
+    def check_compute(self, dtype_policy, precision_mode):
+        """Records the dtype policy a run trains in on its first start; a resume must train in it too.
+
+        `--precision_mode` resolves per host (bfloat16 on a CPU with AMX or
+        AVX-512 BF16, float32 on one without, float16 on a GPU; on Ascend
+        `npu_device` applies the mode itself), so the same settings can
+        compute differently on another machine. A run resumed there would
+        train its remaining epochs, or its remaining phases, in other numerics
+        than its first ones (the scratch twin in one, the distilled student in
+        another): refused, naming both.
+
+        Args:
+            dtype_policy: the policy this process trains in (`"float32"`,
+                `"mixed_bfloat16"`, ..., or `"npu_device"`).
+            precision_mode: `--precision_mode`, for the error.
+        """
+        record = _read_json(self.record_path) or {"settings": self.settings}
+        earlier = record.get("compute") or {}
+        if earlier.get("dtype_policy") == dtype_policy:
+            return
+        if not earlier or not self._leftovers():  # the first start, or nothing trained yet
+            record["compute"] = {"dtype_policy": dtype_policy, "host": socket.gethostname()}
+            self._write(record)
+            return
+        raise ValueError(
+            f"{self.flag}={self.path} holds a run that trained in {earlier['dtype_policy']} "
+            f"(on {earlier.get('host')}); --precision_mode={precision_mode} computes in "
+            f"{dtype_policy} here. Resume it where it computes in {earlier['dtype_policy']}, "
+            f"or pass --overwrite to start over here, or use another {self.flag}")
 
     def clear(self):
         """Removes what a run writes (`RUN_OUTPUTS`), nothing else."""

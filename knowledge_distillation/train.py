@@ -418,6 +418,9 @@ class Trainer:
         finished = self._finished_summary()
         if finished is not None:
             return finished
+        self.folder.check_compute(
+            "npu_device" if self.session.on_npu else keras.mixed_precision.global_policy().name,
+            cfg.device.precision_mode)
         self._check_student_model()
         self.steps_per_epoch = self._count_steps()
         test_ds = self._test_ds()

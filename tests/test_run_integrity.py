@@ -80,6 +80,26 @@ def test_rerun_with_settings_that_decide_the_models_is_refused(finished, tmp_pat
     assert summary["config"]["alpha"] == 0.9 and summary["config"]["epoch"] == 2
 
 
+def test_resume_on_a_host_computing_in_another_dtype_policy_is_refused(
+        finished, tmp_path, fashion_mnist_path):
+    run = _copy(finished, tmp_path)
+    record = json.loads((run / "run.json").read_text())
+    assert record["compute"]["dtype_policy"] == "float32"  # must_keep_origin_dtype, recorded
+    # As if the scratch twin had trained in bfloat16 on an AMX host and the
+    # run were killed before the distilled phase.
+    record["compute"] = {"dtype_policy": "mixed_bfloat16", "host": "amx-host"}
+    (run / "run.json").write_text(json.dumps(record))
+    os.remove(run / f"distilled{compat.MODEL_EXT}")
+    scratch = _digest(run / f"scratch{compat.MODEL_EXT}")
+    result = _run(TINY + [f"--data_path={fashion_mnist_path}", f"--output_dir={run}"])
+    assert result.returncode != 0
+    line = _error_line(result)
+    assert "holds a run that trained in mixed_bfloat16 (on amx-host)" in line
+    assert "--precision_mode=must_keep_origin_dtype computes in float32 here" in line
+    assert not (run / f"distilled{compat.MODEL_EXT}").exists()
+    assert _digest(run / f"scratch{compat.MODEL_EXT}") == scratch
+
+
 def test_rerun_with_another_teacher_is_refused(finished, tmp_path, fashion_mnist_path):
     run = _copy(finished, tmp_path)
     args = [a.replace("mlp_teacher", "cnn") for a in TINY]

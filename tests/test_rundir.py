@@ -88,6 +88,27 @@ def test_the_data_must_match_the_record(tmp_path):
     run.release()
 
 
+def test_a_resume_must_compute_in_the_recorded_dtype_policy(tmp_path):
+    run = _folder(tmp_path)
+    run.claim()
+    run.check_compute("mixed_bfloat16", "allow_mix_precision")
+    record = json.loads((tmp_path / "run.json").read_text())
+    assert record["compute"]["dtype_policy"] == "mixed_bfloat16"
+    assert record["settings"] == rundir.deciding_settings(TrainConfig())
+    # Nothing trained yet: another host may take the run over, and records itself.
+    run.check_compute("float32", "allow_mix_precision")
+    assert json.loads((tmp_path / "run.json").read_text())["compute"]["dtype_policy"] == "float32"
+    (tmp_path / f"scratch{compat.MODEL_EXT}").write_text("x")
+    run.check_compute("float32", "allow_mix_precision")  # the same policy resumes
+    with pytest.raises(ValueError) as e:
+        run.check_compute("mixed_bfloat16", "allow_mix_precision")
+    assert "holds a run that trained in float32" in str(e.value)
+    assert "--precision_mode=allow_mix_precision computes in mixed_bfloat16 here" in str(e.value)
+    assert "--overwrite" in str(e.value)
+    assert json.loads((tmp_path / "run.json").read_text())["compute"]["dtype_policy"] == "float32"
+    run.release()
+
+
 def test_a_busy_folder_is_refused_naming_the_other_run(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
