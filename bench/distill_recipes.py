@@ -17,9 +17,8 @@ scratch twin is trained with the same augmentation. Recipes:
 
 `--augment_args` adds augmentation flags to every augmented recipe (e.g.
 `--augment_mix=mixup`). Finished runs are re-read, not retrained, so a killed
-sweep continues where it stopped (delete the folder of the run that was
-killed: a resumed run restarts the shuffle order, so its distilled student
-would no longer see its twin's batches). Prints one JSON line: per student, recipe
+sweep continues where it stopped (the killed run resumes from its last
+finished epoch on the batches it would have had). Prints one JSON line: per student, recipe
 and epoch count, the scratch and distilled accuracies per seed, their mean
 and sd, the paired gains (mean, sd, min, t), phase wall times (the distilled
 phase includes computing cached logits) and the ratio of each recipe's

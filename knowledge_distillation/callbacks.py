@@ -1,10 +1,11 @@
-"""Keras callbacks of the trainer: throughput log and per-epoch checkpoints."""
+"""Keras callbacks of the trainer: throughput log, per-epoch checkpoints, resumed shuffle order."""
 
 import logging
 import os
 import time
 
 
+from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
 from knowledge_distillation.util.files import save_weights_atomic
 
@@ -106,3 +107,36 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         path = os.path.join(self.directory, f"epoch_{epoch + 1:03d}.weights.h5")
         save_weights_atomic(self.target, path)
+
+
+class ResumeShuffle(keras.callbacks.Callback):
+    """Moves `dataset`'s seeded shuffle on to the epoch `fit` resumes at.
+
+    `shuffle(seed=..., reshuffle_each_iteration=True)` takes each new
+    iterator's order from a seed generator that a new process starts over,
+    so a run resumed at epoch e would train epoch e in the order of epoch 0.
+    Opening (not reading: no element is produced, no image loaded) the
+    iterators `fit` would have opened over the finished epochs brings it to
+    the order an uninterrupted run has at epoch e. The generator is shared
+    by every dataset built on this one (Keras's distributed copy included).
+
+    Put it after `BackupAndRestore` in the callback list.
+
+    Args:
+        dataset: the `tf.data.Dataset` handed to `fit`.
+        restored_epoch: `model -> epoch` (from 0) the fit resumes at
+            (`compat.restored_epoch`).
+    """
+
+    def __init__(self, dataset, restored_epoch):
+        super().__init__()
+        self.dataset = dataset
+        self.restored_epoch = restored_epoch
+
+    def on_train_begin(self, logs=None):
+        epoch = self.restored_epoch(self.model)
+        for _ in range(epoch * compat.fit_iterators_per_epoch(self.dataset)):
+            iter(self.dataset)
+        if epoch:
+            logger.info("resuming at epoch %d: the shuffle order moved on past the %d finished "
+                        "epoch(s), as in an uninterrupted run", epoch + 1, epoch)

@@ -304,6 +304,20 @@ def inbound_layers(layer):
     return [parent.layer for parent in nodes[0].parent_nodes]
 
 
+def fit_iterators_per_epoch(dataset):
+    """How many iterators `fit` opens over `dataset` per epoch.
+
+    Each one draws the next order of a `shuffle(reshuffle_each_iteration=True)`
+    upstream, used or not. Measured on the pinned versions (and checked by
+    `tests/test_phase.py`): Keras 3 opens one at the start of every epoch and,
+    when it knows the number of batches, one more at its end; Keras 2.6 one
+    per epoch.
+    """
+    if KERAS3 and int(dataset.cardinality()) >= 0:
+        return 2
+    return 1
+
+
 def restored_epoch(model):
     """The epoch (from 0) a fit resumes at, once BackupAndRestore's `on_train_begin` ran."""
     if KERAS3:

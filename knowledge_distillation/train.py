@@ -27,6 +27,7 @@ from knowledge_distillation import models, rundir, teacher_feed
 from knowledge_distillation.compat import keras
 from knowledge_distillation.inputs import (
     model_metadata, prepare_inputs, streams)
+from knowledge_distillation.callbacks import ResumeShuffle
 from knowledge_distillation.kd import augment as augment_lib
 from knowledge_distillation.kd.losses import (
     LabelCrossentropy, accuracy_metric, distillation_loss)
@@ -202,8 +203,10 @@ class Trainer:
         start = time.perf_counter()
         self.dist.prepare_fit(model)
         callbacks = phase.callbacks(target, self.session) + self.dist.callbacks(model, target)
+        # After BackupAndRestore: a resumed run continues the shuffle order
+        # and the augmentation stream where the killed one stopped.
+        callbacks.append(ResumeShuffle(train_ds, compat.restored_epoch))
         if augment is not None:
-            # After BackupAndRestore: a resumed run continues the augmentation stream.
             callbacks.append(augment_lib.ResumeEpoch(augment.counter, compat.restored_epoch))
         history = model.fit(
             train_ds,

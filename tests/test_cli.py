@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -107,8 +108,11 @@ def test_killed_run_resumes_from_last_finished_epoch(tmp_path, fashion_mnist_pat
     result = _run(args)
     assert result.returncode == 0, result.stderr[-2000:]
     epochs = [int(r["epoch"]) for r in csv.DictReader(open(out / "logs" / "teacher.csv"))]
-    # Resumed: the epochs logged before the kill are not trained again.
+    # Resumed: the epochs logged before the kill are not trained again, and
+    # the shuffle order goes on from the last finished one.
     assert epochs == list(range(3)), epochs
+    assert re.search(r"resuming at epoch [23]: the shuffle order moved on past the [12] "
+                     r"finished epoch", result.stdout), result.stdout[-3000:]
     assert len(killed_rows) >= 1
     assert json.loads((out / "summary.json").read_text())["teacher"]["trained"] is True
 

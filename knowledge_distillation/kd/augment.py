@@ -23,7 +23,7 @@ What it does, in this order:
 The random numbers are a function of `(seed, epoch, step)` only, drawn with
 TensorFlow's stateless generators: two pipelines with the same seed and data
 order give the same views, and a resumed run continues the random stream at
-its epoch (the shuffle order, though, restarts in a new process). The
+its epoch (and `callbacks.ResumeShuffle` its shuffle order). The
 epoch comes from an `EpochCounter` the pipeline advances each time Keras
 starts iterating it (once per epoch); `ResumeEpoch` sets it where
 `BackupAndRestore` resumes.
