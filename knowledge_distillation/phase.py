@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from knowledge_distillation import compat
 from knowledge_distillation.compat import keras
-from knowledge_distillation.callbacks import EpochCheckpoint, ThroughputLogger
+from knowledge_distillation.callbacks import EpochCheckpoint, ResumeShuffle, ThroughputLogger
+from knowledge_distillation.kd.augment import ResumeEpoch
 
 
 class Phase:
@@ -32,10 +33,17 @@ class Phase:
     def finished(self):
         return os.path.isfile(self.model_path)
 
-    def callbacks(self, target, session):
+    def callbacks(self, target, session, train_ds, augment=None):
+        """The callbacks of the phase's `fit` of `train_ds` (with `augment`, a `BatchAugment`)."""
         os.makedirs(os.path.dirname(self.csv_path), exist_ok=True)
+        # After BackupAndRestore: a resumed run goes on with the shuffle order
+        # and the augmentation stream where the killed one stopped.
+        resume = [ResumeShuffle(train_ds, compat.restored_epoch)]
+        if augment is not None:
+            resume.append(ResumeEpoch(augment.counter, compat.restored_epoch))
         return [
             compat.backup_and_restore(self.backup_dir),
+            *resume,
             EpochCheckpoint(target, self.checkpoint_dir),
             keras.callbacks.CSVLogger(self.csv_path, append=True),
             keras.callbacks.TensorBoard(self.tensorboard_dir, profile_batch=0),

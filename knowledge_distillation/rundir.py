@@ -234,7 +234,7 @@ class RunFolder:
                 + "). Pass --overwrite to start over there, or use another " + self.flag)
 
     def check_compute(self, dtype_policy, precision_mode):
-        """Records the dtype policy a run trains in on its first start; a resume must train in it too.
+        """Records the dtype policy of the first start; a resume must train in the same one.
 
         `--precision_mode` resolves per host (bfloat16 on a CPU with AMX or
         AVX-512 BF16, float32 on one without, float16 on a GPU; on Ascend

@@ -27,7 +27,6 @@ from knowledge_distillation import models, rundir, teacher_feed
 from knowledge_distillation.compat import keras
 from knowledge_distillation.inputs import (
     model_metadata, prepare_inputs, streams)
-from knowledge_distillation.callbacks import ResumeShuffle
 from knowledge_distillation.kd import augment as augment_lib
 from knowledge_distillation.kd.losses import (
     LabelCrossentropy, accuracy_metric, distillation_loss)
@@ -202,12 +201,8 @@ class Trainer:
         check_backup(phase)
         start = time.perf_counter()
         self.dist.prepare_fit(model)
-        callbacks = phase.callbacks(target, self.session) + self.dist.callbacks(model, target)
-        # After BackupAndRestore: a resumed run continues the shuffle order
-        # and the augmentation stream where the killed one stopped.
-        callbacks.append(ResumeShuffle(train_ds, compat.restored_epoch))
-        if augment is not None:
-            callbacks.append(augment_lib.ResumeEpoch(augment.counter, compat.restored_epoch))
+        callbacks = (phase.callbacks(target, self.session, train_ds, augment)
+                     + self.dist.callbacks(model, target))
         history = model.fit(
             train_ds,
             epochs=epochs,
@@ -421,9 +416,8 @@ class Trainer:
         finished = self._finished_summary()
         if finished is not None:
             return finished
-        self.folder.check_compute(
-            "npu_device" if self.session.on_npu else keras.mixed_precision.global_policy().name,
-            cfg.device.precision_mode)
+        policy = "npu_device" if self.session.on_npu else keras.mixed_precision.global_policy().name
+        self.folder.check_compute(policy, cfg.device.precision_mode)
         self._check_student_model()
         self.steps_per_epoch = self._count_steps()
         test_ds = self._test_ds()
