@@ -304,14 +304,18 @@ def inbound_layers(layer):
     return [parent.layer for parent in nodes[0].parent_nodes]
 
 
+# The Keras versions `fit_iterators_per_epoch` was measured on (the pinned ones).
+FIT_ITERATORS_MEASURED = ("3.15.1", "2.6.0")
+
+
 def fit_iterators_per_epoch(dataset):
     """How many iterators `fit` opens over `dataset` per epoch.
 
     Each one draws the next order of a `shuffle(reshuffle_each_iteration=True)`
-    upstream, used or not. Measured on the pinned versions (and checked by
-    `tests/test_phase.py`): Keras 3 opens one at the start of every epoch and,
-    when it knows the number of batches, one more at its end; Keras 2.6 one
-    per epoch.
+    upstream, used or not. Measured on `FIT_ITERATORS_MEASURED` (and checked
+    by `tests/test_phase.py`): Keras 3 opens one at the start of every epoch
+    and, when the dataset's cardinality is known, one more at its end; Keras
+    2.6 one per epoch (and one before the first, in a resumed fit too).
     """
     if KERAS3 and int(dataset.cardinality()) >= 0:
         return 2

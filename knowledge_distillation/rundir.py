@@ -245,15 +245,22 @@ class RunFolder:
         another): refused, naming both.
 
         Args:
-            dtype_policy: the policy this process trains in (`"float32"`,
-                `"mixed_bfloat16"`, ..., or `"npu_device"`).
+            dtype_policy: what this process trains in
+                (`ascend.precision.run_compute`: `"float32"`, `"mixed_bfloat16"`,
+                `"float32 with mixed_float16 layers"`, ..., `"npu_device"`).
             precision_mode: `--precision_mode`, for the error.
         """
         record = _read_json(self.record_path) or {"settings": self.settings}
-        earlier = record.get("compute") or {}
+        earlier = record.get("compute")
+        earlier = earlier if isinstance(earlier, dict) and earlier.get("dtype_policy") else {}
         if earlier.get("dtype_policy") == dtype_policy:
             return
-        if not earlier or not self._leftovers():  # the first start, or nothing trained yet
+        leftovers = self._leftovers()
+        if not earlier or not leftovers:  # the first start, or nothing trained yet
+            if leftovers:
+                logger.warning("%s: %s does not say what the earlier start trained in (an older "
+                               "version wrote it), so this resume cannot check it: recording %s",
+                               self.path, RUN_FILE, dtype_policy)
             record["compute"] = {"dtype_policy": dtype_policy, "host": socket.gethostname()}
             self._write(record)
             return

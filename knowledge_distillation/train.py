@@ -25,13 +25,12 @@ from knowledge_distillation import data as data_lib
 from knowledge_distillation import distribute
 from knowledge_distillation import models, rundir, teacher_feed
 from knowledge_distillation.compat import keras
-from knowledge_distillation.inputs import (
-    model_metadata, prepare_inputs, streams)
+from knowledge_distillation.inputs import model_metadata, prepare_inputs, streams
 from knowledge_distillation.kd import augment as augment_lib
-from knowledge_distillation.kd.losses import (
-    LabelCrossentropy, accuracy_metric, distillation_loss)
+from knowledge_distillation.kd.losses import LabelCrossentropy, accuracy_metric, distillation_loss
 from knowledge_distillation.phase import Phase, check_backup, check_finite_weights, finite_or_null
 from knowledge_distillation.ascend.device import setup_device
+from knowledge_distillation.ascend.precision import run_compute
 from knowledge_distillation.kd.distiller import Distiller
 from knowledge_distillation.util.files import save_model_atomic, write_json_atomic
 from knowledge_distillation.util.inference import batched_predict
@@ -416,8 +415,8 @@ class Trainer:
         finished = self._finished_summary()
         if finished is not None:
             return finished
-        policy = "npu_device" if self.session.on_npu else keras.mixed_precision.global_policy().name
-        self.folder.check_compute(policy, cfg.device.precision_mode)
+        self.folder.check_compute(run_compute(self.session, cfg.device.precision_mode),
+                                  cfg.device.precision_mode)
         self._check_student_model()
         self.steps_per_epoch = self._count_steps()
         test_ds = self._test_ds()

@@ -109,6 +109,43 @@ def test_a_resume_must_compute_in_the_recorded_dtype_policy(tmp_path):
     run.release()
 
 
+def test_an_unreadable_compute_record_is_re_recorded_with_a_warning(tmp_path, caplog):
+    run = _folder(tmp_path)
+    run.claim()
+    (tmp_path / f"scratch{compat.MODEL_EXT}").write_text("x")
+    for earlier in (None, "float32", {"host": "h"}):  # an older version's run.json, damaged ones
+        record = json.loads((tmp_path / "run.json").read_text())
+        record["compute"] = earlier
+        (tmp_path / "run.json").write_text(json.dumps(record))
+        with caplog.at_level(logging.WARNING, logger="knowledge_distillation.rundir"):
+            run.check_compute("mixed_bfloat16", "allow_mix_precision")
+        assert "cannot check it: recording mixed_bfloat16" in caplog.text
+        caplog.clear()
+        assert json.loads((tmp_path / "run.json").read_text())["compute"]["dtype_policy"] == (
+            "mixed_bfloat16")
+    run.release()
+
+
+@pytest.mark.parametrize("mode, on_npu, global_policy, low, expected", [
+    ("must_keep_origin_dtype", False, "float32", "mixed_bfloat16", "float32"),
+    ("allow_mix_precision", False, "mixed_bfloat16", "mixed_bfloat16", "mixed_bfloat16"),
+    ("allow_mix_precision", False, "float32", "float32", "float32"),  # a CPU without bfloat16
+    ("allow_fp32_to_fp16", False, "float32", "mixed_float16", "float32 with mixed_float16 layers"),
+    ("allow_fp32_to_bf16", False, "float32", "float32", "float32"),
+    ("allow_mix_precision", True, "float32", None, "npu_device"),
+])
+def test_what_a_run_trains_in_names_layer_policies_under_a_float32_global_one(
+        mode, on_npu, global_policy, low, expected):
+    import types
+
+    from knowledge_distillation.ascend.precision import run_compute
+    from knowledge_distillation.compat import keras
+
+    keras.mixed_precision.set_global_policy(global_policy)
+    session = types.SimpleNamespace(on_npu=on_npu, low_policy=low)
+    assert run_compute(session, mode) == expected
+
+
 def test_a_busy_folder_is_refused_naming_the_other_run(tmp_path):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:

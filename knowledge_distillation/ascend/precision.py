@@ -273,6 +273,23 @@ def mode_low_policy(mode, low_policy):
     return "mixed_bfloat16" if mode in BF16_MODES else low_policy
 
 
+def run_compute(session, mode):
+    """What a run's layers train in under `mode` on this host, for `run.json`.
+
+    The global policy, or for the modes that lower single layers under a
+    float32 global policy (`allow_fp32_to_fp16`, `allow_fp32_to_bf16`), the
+    policy of those layers too; `"npu_device"` on Ascend, where CANN applies
+    the mode.
+    """
+    if session.on_npu:
+        return "npu_device"
+    policy = keras.mixed_precision.global_policy().name
+    low = session.low_policy
+    if mode in FLOAT32_MODES or policy != "float32" or low in (None, "float32"):
+        return policy
+    return f"float32 with {low} layers"
+
+
 def global_policy_for(mode, low_policy):
     """Global policy models are built under, before per-layer overrides."""
     if base_mode(mode) in ("allow_mix_precision", "force_fp16"):
