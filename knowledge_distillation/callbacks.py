@@ -137,11 +137,12 @@ class ResumeShuffle(keras.callbacks.Callback):
         epoch = self.restored_epoch(self.model)
         for _ in range(epoch * compat.fit_iterators_per_epoch(self.dataset)):
             iter(self.dataset)
-        if epoch and compat.KERAS_VERSION not in compat.FIT_ITERATORS_MEASURED:
+        if not epoch:
+            return
+        logger.info("resuming at epoch %d: the shuffle order moved on past the %d finished "
+                    "epoch(s), as in an uninterrupted run", epoch + 1, epoch)
+        if compat.KERAS_VERSION not in compat.FIT_ITERATORS_MEASURED:
             logger.warning("resuming under Keras %s: the iterators fit opens per epoch were "
                            "counted on Keras %s; if this Keras opens others, the resumed "
                            "shuffle order differs (tests/test_phase.py checks it)",
                            compat.KERAS_VERSION, " and ".join(compat.FIT_ITERATORS_MEASURED))
-        if epoch:
-            logger.info("resuming at epoch %d: the shuffle order moved on past the %d finished "
-                        "epoch(s), as in an uninterrupted run", epoch + 1, epoch)
